@@ -1,0 +1,26 @@
+"""The delta rule as an explicit loop over time: the slow, obviously-correct reference.
+
+Every other backend (the chunked torch form in chunked.py, the Triton kernel) is tested against this file.
+fla convention: the state S has shape [K, V] per head, so reading is S^T q and writing is S + k v'^T.
+Precision: the state and every product run in fp32 whatever the input dtype; the output is cast back.
+"""
+import torch
+
+
+def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False):
+    """q, k: [B, T, H, K] (already L2-normalised), v: [B, T, H, V], beta: [B, T, H],
+    initial_state: [B, H, K, V] or None. Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = v.dtype
+    q, k, v, beta = q.float() * scale, k.float(), v.float(), beta.float()
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    outs = []
+    for t in range(T):
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]              # [B, H, K], [B, H, V], [B, H, 1]
+        v_new = b_t * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))       # v'_t = beta_t (v_t - S^T k_t)
+        S = S + k_t[..., :, None] * v_new[..., None, :]                    # S_t = S_{t-1} + k_t v'_t^T
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))           # o_t = S_t^T (scale q_t)
+    o = torch.stack(outs, dim=1).to(dtype)                               # [B, T, H, V]
+    return o, (S if output_final_state else None)
