@@ -2,7 +2,7 @@
 
 Every other backend (the chunked torch form in chunked.py, the Triton kernel) is tested against this file.
 fla convention: the state S has shape [K, V] per head, so reading is S^T q and writing is S + k v'^T.
-Precision: the state and every product run in fp32 whatever the input dtype; the output is cast back.
+Precision: the state and every product run in fp32 (fp64 for fp64 inputs); the output is cast back.
 """
 import torch
 
@@ -13,9 +13,9 @@ def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_f
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dtype = v.dtype
-    q, k, v, beta = q.float() * scale, k.float(), v.float(), beta.float()
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    dtype, acc = v.dtype, torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    q, k, v, beta = q.to(acc) * scale, k.to(acc), v.to(acc), beta.to(acc)
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
     outs = []
     for t in range(T):
         k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]              # [B, H, K], [B, H, V], [B, H, 1]

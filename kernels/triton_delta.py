@@ -1,0 +1,265 @@
+"""The chunked delta rule (WY/UT form) in Triton: forward kernels, the autograd.Function, the public entry point.
+
+Per batch b, head h and chunk n of C rows (Q, K [C, DK], V [C, DV], beta [C]), /work/shared/spec/deltanet.md:
+  step 1  A    = tril(diag(beta) K K^T, -1)                     chunk_scaled_dot_kkt
+  step 2  T    = (I + A)^-1   (forward substitution)            solve_unit_lower_triangular
+  step 3  W    = T diag(beta) K,  U = T diag(beta) V            compute_w_u
+  step 4  V'_n = U_n - W_n S_n,  S_{n+1} = S_n + K_n^T V'_n     chunk_state_pass_kernel (sequential over n)
+  step 5  O_n  = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)         chunk_output_kernel
+Steps 1-3 run in one kernel (wy_representation_kernel, one program per chunk). The hand-written backward walks the
+same steps in reverse (triton_delta_bwd.py); the forward saves T, W, the chunk states S_n and V' for it.
+
+Precision: every tl.dot accumulates in fp32 and the running state S is fp32. Dot operands and the stored
+intermediates (T, W, U, V', S_n) are in the input dtype, as in fla: bf16/fp16 use tensor cores, fp32 runs as TF32
+on a GPU and exactly in the CPU interpreter (TRITON_INTERPRET=1, set before triton is imported).
+Supported: chunk size 16/32/64, head dims DK, DV <= 128 (padded inside to a power of two >= 16 with masks), any T.
+"""
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    TRITON_AVAILABLE = True
+except ImportError:  # keep the module importable so the dispatcher can read TRITON_AVAILABLE
+    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b), next_power_of_2=None)
+    tl = types.SimpleNamespace(constexpr=None)
+    TRITON_AVAILABLE = False
+
+CHUNK_SIZES = (16, 32, 64)
+MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------------------------------- tile helpers
+@triton.jit
+def load_tile(ptr, r0, n_rows, stride, c0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """[BR, BC] tile at rows r0.., columns c0.. of a row-major matrix (row stride `stride`), zero outside
+    [n_rows, n_cols]: this masks the last partial chunk and the padding of the head dims."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    mask = (r[:, None] < n_rows) & (c[None, :] < n_cols)
+    return tl.load(ptr + r[:, None] * stride + c[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, r0, n_rows, stride, c0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """Store the [BR, BC] tile x (cast to ptr's dtype) where load_tile would read it."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    mask = (r[:, None] < n_rows) & (c[None, :] < n_cols)
+    tl.store(ptr + r[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_rows(ptr, r0, n_rows, stride, BR: tl.constexpr):
+    """[BR] fp32 vector ptr[r * stride] for r = r0.., zero past n_rows (beta of one chunk)."""
+    r = r0 + tl.arange(0, BR)
+    return tl.load(ptr + r * stride, mask=r < n_rows, other=0.0).to(tl.float32)
+
+
+# ------------------------------------------------------------------------------------------ steps 1-3: WY / UT form
+# Pointers below are already moved to sequence b, head h of a [B, T, H, D] tensor: row t of the chunk sits at
+# t * (H * D). One program handles one chunk of BT rows starting at t0.
+@triton.jit
+def chunk_scaled_dot_kkt(k, beta, t0, seq_len, H, DK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Step 1: A = tril(diag(beta) K K^T, -1), [BT, BT] fp32. K [BT, DK] is read in [BT, BK] column blocks;
+    beta [BT] fp32."""
+    KKt = tl.zeros([BT, BT], dtype=tl.float32)
+    for c0 in range(0, DK, BK):
+        k_b = load_tile(k, t0, seq_len, H * DK, c0, DK, BT, BK)                  # [BT, BK]
+        KKt += tl.dot(k_b, tl.trans(k_b))                                        # [BT, BT]
+    rows = tl.arange(0, BT)
+    return tl.where(rows[:, None] > rows[None, :], beta[:, None] * KKt, 0.0)   # strictly lower, row i times beta_i
+
+
+@triton.jit
+def solve_unit_lower_triangular(A, BT: tl.constexpr):
+    """Step 2: T = (I + A)^-1 for strictly lower A [BT, BT] (fp32), by forward substitution over the rows:
+    (I + A) T = I  =>  T_i = e_i - sum_{j<i} A_ij T_j, and rows j < i of T are final when row i is computed."""
+    rows = tl.arange(0, BT)
+    T = (rows[:, None] == rows[None, :]).to(tl.float32)                          # [BT, BT] starts as I
+    for i in range(1, BT):
+        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)              # [BT] row i of A (zero at j >= i)
+        T = tl.where(rows[:, None] == i, T - tl.sum(a_i[:, None] * T, axis=0)[None, :], T)  # T_i = e_i - a_i T
+    return T
+
+
+@triton.jit
+def compute_w_u(T, beta, x, y, t0, seq_len, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Step 3 for one input: Y = T diag(beta) X with X, Y [BT, D] in [BT, BD] column blocks
+    (W from K, U from V). T [BT, BT] fp32, beta [BT] fp32; the dot runs in X's dtype with fp32 accumulation."""
+    for c0 in range(0, D, BD):
+        x_b = load_tile(x, t0, seq_len, H * D, c0, D, BT, BD)                    # [BT, BD]
+        y_b = tl.dot(T.to(x_b.dtype), (beta[:, None] * x_b).to(x_b.dtype))      # [BT, BD]
+        store_tile(y, y_b, t0, seq_len, H * D, c0, D, BT, BD)
+
+
+@triton.jit
+def wy_representation_kernel(k, v, beta, T_out, w, u, seq_len, H, DK: tl.constexpr, DV: tl.constexpr,
+                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Steps 1-3 for chunk program_id(0) of (b, h) = program_id(1): stores T [BT, BT] into T_out [B, T, H, BT],
+    W [BT, DK] into w [B, T, H, DK] and U [BT, DV] into u [B, T, H, DV]."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    row0 = i_b.to(tl.int64) * seq_len * H + i_h                                 # token (b, 0), head h
+    t0 = i_n * BT
+    b = load_rows(beta + row0, t0, seq_len, H, BT)                               # [BT]
+    A = chunk_scaled_dot_kkt(k + row0 * DK, b, t0, seq_len, H, DK, BT, BK)       # step 1
+    T = solve_unit_lower_triangular(A, BT)                                       # step 2
+    store_tile(T_out + row0 * BT, T, t0, seq_len, H * BT, 0, BT, BT, BT)
+    compute_w_u(T, b, k + row0 * DK, w + row0 * DK, t0, seq_len, H, DK, BT, BK)  # step 3: W = T diag(beta) K
+    compute_w_u(T, b, v + row0 * DV, u + row0 * DV, t0, seq_len, H, DV, BT, BV)  # step 3: U = T diag(beta) V
+
+
+# --------------------------------------------------------------------------------------------- step 4: state pass
+@triton.jit
+def chunk_state_pass_kernel(k, w, u, v_new, h, h0, ht, seq_len, H, NT, DK: tl.constexpr, DV: tl.constexpr,
+                            BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+                            HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """Step 4 for value columns [v0, v0 + BV) (v0 = program_id(0) * BV) of (b, h) = program_id(1), sequential over
+    the chunks with the state S [BKF, BV] (all DK rows, padded to BKF) in fp32:
+        h[b, n, h] = S_n;   V'_n = U_n - W_n S_n;   S_{n+1} = S_n + K_n^T V'_n.
+    h0, ht: [B, H, DK, DV] fp32 (initial / final state), h: [B, NT, H, DK, DV], v_new (V'): [B, T, H, DV]."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    row0 = i_b.to(tl.int64) * seq_len * H + i_h
+    v0 = i_v * BV
+    if HAS_H0:
+        S = load_tile(h0 + i_bh.to(tl.int64) * DK * DV, 0, DK, DV, v0, DV, BKF, BV).to(tl.float32)
+    else:
+        S = tl.zeros([BKF, BV], dtype=tl.float32)                                # S_0 = 0
+    for n in range(NT):
+        t0 = n * BT
+        h_n = h + ((i_b.to(tl.int64) * NT + n) * H + i_h) * DK * DV
+        store_tile(h_n, S, 0, DK, DV, v0, DV, BKF, BV)                           # snapshot S_n for step 5
+        w_n = load_tile(w + row0 * DK, t0, seq_len, H * DK, 0, DK, BT, BKF)       # [BT, BKF]
+        k_n = load_tile(k + row0 * DK, t0, seq_len, H * DK, 0, DK, BT, BKF)       # [BT, BKF]
+        u_n = load_tile(u + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)       # [BT, BV]
+        V_new = u_n - tl.dot(w_n, S.to(w_n.dtype))                               # V'_n = U_n - W_n S_n   [BT, BV]
+        store_tile(v_new + row0 * DV, V_new, t0, seq_len, H * DV, v0, DV, BT, BV)
+        S += tl.dot(tl.trans(k_n), V_new.to(k_n.dtype))                          # S_{n+1} = S_n + K_n^T V'_n
+    if STORE_HT:
+        store_tile(ht + i_bh.to(tl.int64) * DK * DV, S, 0, DK, DV, v0, DV, BKF, BV)
+
+
+# ------------------------------------------------------------------------------------------------ step 5: output
+@triton.jit
+def chunk_output_kernel(q, k, v_new, h, o, scale, seq_len, H, NT, DK: tl.constexpr, DV: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Step 5 for value columns [v0, v0 + BV) of chunk n = program_id(1), (b, h) = program_id(2):
+        O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)   [BT, BV], the mask keeps the diagonal.
+    The DK sum runs over [BT, BK] blocks of Q_n, K_n and [BK, BV] blocks of S_n."""
+    i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    row0 = i_b.to(tl.int64) * seq_len * H + i_h
+    t0, v0 = i_n * BT, i_v * BV
+    h_n = h + ((i_b.to(tl.int64) * NT + i_n) * H + i_h) * DK * DV
+    QS = tl.zeros([BT, BV], dtype=tl.float32)
+    P = tl.zeros([BT, BT], dtype=tl.float32)
+    for c0 in range(0, DK, BK):
+        q_b = load_tile(q + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)       # [BT, BK]
+        k_b = load_tile(k + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)       # [BT, BK]
+        S_b = load_tile(h_n, c0, DK, DV, v0, DV, BK, BV)                          # [BK, BV]
+        QS += tl.dot(q_b, S_b)                                                   # Q_n S_n
+        P += tl.dot(q_b, tl.trans(k_b))                                          # Q_n K_n^T
+    rows = tl.arange(0, BT)
+    P = tl.where(rows[:, None] >= rows[None, :], P, 0.0)                         # tril incl. the diagonal
+    vn = load_tile(v_new + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)        # [BT, BV]
+    O = scale * (QS + tl.dot(P.to(vn.dtype), vn))
+    store_tile(o + row0 * DV, O, t0, seq_len, H * DV, v0, DV, BT, BV)
+
+
+# ------------------------------------------------------------------------------------------------- host side
+def block_sizes(DK, DV):
+    """Padded head dims (BKF, BVF: powers of two >= 16) and the column blocks used by the kernels."""
+    BKF, BVF = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
+    return BKF, BVF, min(64, BKF), min(64, BVF)
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
+    """q, k [B, T, H, DK], v [B, T, H, DV], beta [B, T, H], h0 [B, H, DK, DV] fp32 or None (all contiguous).
+    Returns o [B, T, H, DV], final state [B, H, DK, DV] fp32 or None, and (T, W, S_n, V') for the backward."""
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    BKF, BVF, BK, BV = block_sizes(DK, DV)
+    T_mat = k.new_empty(B, T, H, BT)                                             # [B, T, H, BT]: row t holds T_{t, :}
+    w, u = torch.empty_like(k), torch.empty_like(v)                              # [B, T, H, DK], [B, T, H, DV]
+    wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, BK, BV, num_warps=4)
+
+    h = k.new_empty(B, NT, H, DK, DV)                                            # S_n, the state entering chunk n
+    v_new = torch.empty_like(v)                                                  # V'
+    ht = q.new_empty(B, H, DK, DV, dtype=torch.float32) if output_final_state else None
+    BVS = min(32, BVF)                                                           # more programs for the serial pass
+    chunk_state_pass_kernel[(triton.cdiv(DV, BVS), B * H)](
+        k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, BKF, BVS,
+        HAS_H0=h0 is not None, STORE_HT=output_final_state, num_warps=4)
+
+    o = torch.empty_like(v)
+    chunk_output_kernel[(triton.cdiv(DV, BV), NT, B * H)](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, BK, BV,
+                                                          num_warps=4)
+    return o, ht, (T_mat, w, h, v_new)
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    """Forward: chunk_delta_rule_fwd. Backward: triton_delta_bwd.chunk_delta_rule_bwd (hand-written, uses the saved
+    T, W, S_n and V'). Gradients for q, k, v, beta, the initial state; a gradient into the final state is used."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, scale, h0, output_final_state, chunk_size):
+        o, ht, (T_mat, w, h, v_new) = chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, chunk_size)
+        ctx.save_for_backward(q, k, v, beta, h0, T_mat, w, h, v_new)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dht):
+        from .triton_delta_bwd import chunk_delta_rule_bwd
+        q, k, v, beta, h0, T_mat, w, h, v_new = ctx.saved_tensors
+        dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
+            q, k, v, beta, ctx.scale, do.contiguous(), None if dht is None else dht.float().contiguous(),
+            T_mat, w, h, v_new, ctx.chunk_size, need_dh0=h0 is not None and ctx.needs_input_grad[5])
+        return dq, dk, dv, dbeta, None, dh0, None, None
+
+
+def triton_can_run(tensor):
+    """True if the kernels can run on `tensor`: it is on CUDA, or TRITON_INTERPRET=1 and the kernels were built for
+    the interpreter (the flag must be set before this module is imported)."""
+    if not TRITON_AVAILABLE:
+        return False
+    interpreted = type(chunk_output_kernel).__name__ == "InterpretedFunction"
+    return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted)
+
+
+def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """Chunked delta rule, fla's chunk_delta_rule layout. q, k: [B, T, H, K] (already L2-normalised),
+    v: [B, T, H, V], beta: [B, T, H], initial_state: [B, H, K, V] (any float dtype, used as fp32) or None.
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None). Differentiable in q, k, v, beta
+    and initial_state. K, V <= 128; chunk_size in (16, 32, 64)."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("triton is not installed; use the torch chunked or recurrent delta rule instead")
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    if beta.shape != (B, T, H):
+        raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}; got {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, DK, DV):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, DK, DV)}; got {tuple(initial_state.shape)}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}; got {chunk_size}")
+    if T < 1 or DK > MAX_HEAD_DIM or DV > MAX_HEAD_DIM:
+        raise ValueError(f"need T >= 1 and head dims K, V <= {MAX_HEAD_DIM}; got T={T}, K={DK}, V={DV}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q, k, v must share one dtype of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not triton_can_run(q):
+        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
+    scale = DK ** -0.5 if scale is None else float(scale)
+    h0 = None if initial_state is None else initial_state.float().contiguous()  # [B, H, K, V] fp32
+    return ChunkDeltaRuleFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), scale,
+                                        h0, output_final_state, chunk_size)

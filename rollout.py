@@ -1,0 +1,149 @@
+"""Next-sequence rollouts (paper section 3, step 2): k sampled tokens after each selected prefix.
+
+Snapshot mode (the default, this project's contribution): one full-sequence forward hands out the fast-weight state
+after every selected position t (model(ids, snapshot_at=...)); every rollout starts from that fixed-size state and
+decodes k tokens with the incremental state, O(k) per rollout whatever the prefix length.
+Reforward mode (the official algorithm, kept as the reference for tests and the baseline for bench.py): every
+truncated prefix x[:t+1] is run again from scratch, for sampling, for the old log-probs and for the gradient.
+
+Layout: G = B * c prefixes (row g = b * c + p), N = G * n rollouts (row i continues prefix i // n).
+Log-probs are those of the sampling policy at the sampling temperature, log softmax(logits / temperature),
+without the top-p / top-k truncation (the usual GRPO convention), so a teacher-forced recomputation is exact.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import map_model_state
+
+
+@dataclass
+class Rollouts:
+    positions: torch.Tensor   # [B, c] the last prefix token t of each selected prefix
+    tokens: torch.Tensor      # [N, k] sampled continuation
+    logp: torch.Tensor        # [N, k] their log-probs under the sampling policy (fp32, no grad)
+    h_pred: torch.Tensor      # [N, k, D] final-norm hidden states of the sampled tokens (no grad)
+    gt_tokens: torch.Tensor   # [G, k] the true continuation x[t+1 : t+1+k]
+    h_gt: torch.Tensor        # [G, k, D] its hidden states from the full forward (no grad)
+    n: int                    # rollouts per prefix
+
+
+def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, generator=None):
+    """logits [N, V] -> (tokens [N], log-probs [N] under softmax(logits / temperature)). `suppress`: a token id
+    that may not be drawn (EOS, so every rollout has exactly k tokens)."""
+    logits = logits.float()
+    if suppress is not None:
+        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
+    logp = F.log_softmax(logits / temperature, dim=-1)                              # [N, V]
+    masked = logp.clone()
+    if top_k and top_k < masked.shape[-1]:
+        kth = masked.topk(top_k, dim=-1).values[:, -1:]                             # [N, 1]
+        masked[masked < kth] = float("-inf")
+    if top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+        sorted_lp, order = masked.sort(dim=-1, descending=True)
+        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+        drop = torch.zeros_like(masked, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        masked[drop] = float("-inf")
+    tokens = torch.multinomial(masked.exp(), 1, generator=generator)[:, 0]         # [N]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def ground_truth(input_ids, hidden, positions, k):
+    """input_ids [B, T], hidden [B, T, D], positions [B, c] -> (gt tokens [G, k], h_gt [G, k, D])."""
+    idx = (positions[:, :, None] + 1 + torch.arange(k, device=positions.device)).flatten(1)    # [B, c*k]
+    gt = torch.gather(input_ids, 1, idx).view(-1, k)                                               # [G, k]
+    h = torch.gather(hidden, 1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))                 # [B, c*k, D]
+    return gt, h.reshape(gt.shape[0], k, -1).detach()
+
+
+def prefix_logits(logits, positions):
+    """logits [B, T, V], positions [B, c] -> [G, V]: the full pass's prediction of each rollout's first token."""
+    return torch.gather(logits, 1, positions[:, :, None].expand(-1, -1, logits.shape[-1])).flatten(0, 1)
+
+
+@torch.no_grad()
+def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
+                          generator=None):
+    """out: LMOutput of model(input_ids, snapshot_at=...) with .snapshots and .positions [B, c].
+    Samples n continuations of k tokens per prefix by incremental decoding from the detached snapshots."""
+    state = map_model_state(lambda s: s.detach().repeat_interleave(n, 0), out.snapshots)
+    logits = prefix_logits(out.logits.detach(), out.positions).repeat_interleave(n, 0)          # [N, V]
+    tokens, logps, hiddens = [], [], []
+    for _ in range(k):
+        tok, lp = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
+        step = model.step(tok[:, None], state)
+        state, logits = step.state, step.logits[:, 0]
+        tokens.append(tok)
+        logps.append(lp)
+        hiddens.append(step.hidden[:, 0])
+    gt, h_gt = ground_truth(input_ids, out.hidden, out.positions, k)
+    return Rollouts(out.positions, torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1).float(),
+                    gt, h_gt.float(), n)
+
+
+def logprobs_from_snapshots(model, out, tokens, n=1, temperature=1.0):
+    """Teacher-forced log-probs [N, k] of `tokens` [N, k] from the (differentiable) snapshots of `out`: the first
+    token from the full pass's logits, the others from k-1 decoding steps. Gradients reach the whole forward."""
+    state = map_model_state(lambda s: s.repeat_interleave(n, 0), out.snapshots)
+    logits = prefix_logits(out.logits, out.positions).repeat_interleave(n, 0)                  # [N, V]
+    logps = []
+    for j in range(tokens.shape[1]):
+        logps.append(F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, j:j + 1])[:, 0])
+        if j + 1 < tokens.shape[1]:
+            step = model.step(tokens[:, j:j + 1], state)
+            state, logits = step.state, step.logits[:, 0]
+    return torch.stack(logps, 1)
+
+
+# ---- reforward mode: the official algorithm, every truncated prefix runs from scratch ----
+
+def reforward_rows(input_ids, positions, tokens, n):
+    """Rows prefix x[b, :t+1] + rollout tokens, right-padded (causal: padding never reaches real positions).
+    -> (ids [N, L], the index of each row's last prefix token [N])."""
+    prefixes = [input_ids[b, :t + 1] for b, row in enumerate(positions.tolist()) for t in row for _ in range(n)]
+    L = max(len(p) for p in prefixes) + tokens.shape[1]
+    ids = input_ids.new_zeros(len(prefixes), L)
+    for i, p in enumerate(prefixes):
+        ids[i, :len(p)] = p
+        ids[i, len(p):len(p) + tokens.shape[1]] = tokens[i]
+    return ids, torch.tensor([len(p) - 1 for p in prefixes], device=ids.device)
+
+
+def reforward_logprobs(model, input_ids, positions, tokens, n=1, temperature=1.0):
+    """Log-probs [N, k] and hidden states [N, k, D] of `tokens` after each prefix by a full forward of every
+    prefix + rollout row (differentiable when grad is enabled)."""
+    ids, last = reforward_rows(input_ids, positions, tokens, n)
+    out = model(ids)
+    k = tokens.shape[1]
+    idx = last[:, None] + torch.arange(k + 1, device=ids.device)                                  # [N, k+1]
+    logits = torch.gather(out.logits, 1, idx[:, :k, None].expand(-1, -1, out.logits.shape[-1]))  # [N, k, V]
+    logp = F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, :, None])[..., 0]
+    hidden = torch.gather(out.hidden, 1, idx[:, 1:, None].expand(-1, -1, out.hidden.shape[-1]))  # [N, k, D]
+    return logp, hidden
+
+
+@torch.no_grad()
+def sample_by_reforward(model, input_ids, positions, k, n=1, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
+                        generator=None, hidden=None):
+    """The official way: a prefill of every truncated prefix, then k decoding steps; the old log-probs and hidden
+    states come from another full forward of every prefix + rollout (reforward_logprobs)."""
+    B, c = positions.shape
+    rows = [(b, t) for b, row in enumerate(positions.tolist()) for t in row for _ in range(n)]
+    T = max(t for _, t in rows) + 1
+    ids = torch.stack([F.pad(input_ids[b, :t + 1], (0, T - t - 1)) for b, t in rows])                # [N, T]
+    last = torch.tensor([[t] for _, t in rows], device=ids.device)                                 # [N, 1]
+    out = model(ids, snapshot_at=last)
+    state, logits = out.snapshots, prefix_logits(out.logits, last)
+    tokens = []
+    for _ in range(k):
+        tok, _ = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
+        step = model.step(tok[:, None], state)
+        state, logits = step.state, step.logits[:, 0]
+        tokens.append(tok)
+    tokens = torch.stack(tokens, 1)
+    logp, h_pred = reforward_logprobs(model, input_ids, positions, tokens, n, temperature)
+    if hidden is None:
+        hidden = model(input_ids).hidden
+    gt, h_gt = ground_truth(input_ids, hidden, positions, k)
+    return Rollouts(positions, tokens, logp, h_pred.float(), gt, h_gt.float(), n)
