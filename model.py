@@ -64,6 +64,7 @@ class ModelConfig:
     ttt_nope: bool = False
     no_v_silu: bool = False
     lr_parameterization: str = "mamba"
+    ttt_loss_type: str = "dot_product"
     max_position_embeddings: int = 32768
 
     @property
@@ -157,13 +158,11 @@ class FastWeightLM(nn.Module):
 
     def _init_weights(self, module):
         """Reference init: Linear / Conv / Embedding weights N(0, initializer_range), biases 0, norms 1; the LaCT
-        fast-weight parameters keep the mixer's own init (see lact.py)."""
+        fast-weight parameters (not Linear modules) keep the mixer's own init (see lact.py)."""
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        if hasattr(module, "reset_fast_weight_parameters"):
-            module.reset_fast_weight_parameters()
 
     def _head(self, h):  # [B, T, D] -> (logits fp32 [B, T, V], hidden [B, T, D])
         hidden = self.model.norm(h)
@@ -213,6 +212,17 @@ class FastWeightLM(nn.Module):
         last = torch.full((B, 1), T - 1, dtype=torch.long, device=input_ids.device)
         out = self(input_ids, snapshot_at=last)
         return out, out.snapshots
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
+        """A model from a checkpoint folder in the reference layout (config.json + model.safetensors)."""
+        from checkpoint import load_pretrained  # checkpoint.py imports this module
+        return load_pretrained(path, dtype, device, **overrides)
+
+    def save_pretrained(self, path, extra=None):
+        """Write config.json + model.safetensors with the reference names (loadable by fla / LaCT)."""
+        from checkpoint import save_pretrained
+        save_pretrained(self, path, extra)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from entropy import select_positions, token_entropy
 from model import map_model_state
 
 
@@ -147,3 +148,24 @@ def sample_by_reforward(model, input_ids, positions, k, n=1, temperature=1.0, to
         hidden = model(input_ids).hidden
     gt, h_gt = ground_truth(input_ids, hidden, positions, k)
     return Rollouts(positions, tokens, logp, h_pred.float(), gt, h_gt.float(), n)
+
+
+def collect_rollouts(model, x, cfg, generator=None, lengths=None, mode="snapshot"):
+    """Steps 1-2 of REFINE for a batch x [B, T]: one forward (entropies, NTP logits, h_gt and, in snapshot mode, the
+    states after the selected positions), position selection, then sampling. Runs with or without grad: with
+    grad, the returned LMOutput is reused for the NTP loss and the teacher-forced log-probs (one forward per step).
+    cfg supplies n_chunks, rollout_len, n_rollouts, select_mode, select_temperature, margin, sample_temperature,
+    top_p, top_k, and eos_id (suppressed while sampling). -> (LMOutput, Rollouts)."""
+    def select(logits, hidden):  # eq. 1-2: entropy per position, smoothed, one softmax draw per chunk
+        return select_positions(token_entropy(logits.detach()), cfg.n_chunks, cfg.rollout_len, cfg.select_mode,
+                                cfg.select_temperature, cfg.margin, lengths, generator)
+
+    knobs = dict(k=cfg.rollout_len, n=cfg.n_rollouts, temperature=cfg.sample_temperature, top_p=cfg.top_p,
+                 top_k=cfg.top_k, eos_id=cfg.eos_id, generator=generator)
+    if mode == "snapshot":
+        out = model(x, snapshot_at=select)
+        return out, sample_from_snapshots(model, out, x, **knobs)
+    if mode == "reforward":
+        out = model(x)
+        return out, sample_by_reforward(model, x, select(out.logits, out.hidden), hidden=out.hidden, **knobs)
+    raise ValueError(f"unknown rollout mode {mode!r}; choose snapshot or reforward")

@@ -24,7 +24,7 @@ try:
     import triton.language as tl
     TRITON_AVAILABLE = True
 except ImportError:  # keep the module importable so the dispatcher can read TRITON_AVAILABLE
-    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b), next_power_of_2=None)
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
     tl = types.SimpleNamespace(constexpr=None)
     TRITON_AVAILABLE = False
 
@@ -195,7 +195,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
     BVS = min(32, BVF)                                                           # more programs for the serial pass
     chunk_state_pass_kernel[(triton.cdiv(DV, BVS), B * H)](
         k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, BKF, BVS,
-        HAS_H0=h0 is not None, STORE_HT=output_final_state, num_warps=4)
+        HAS_H0=h0 is not None, STORE_HT=output_final_state, num_warps=4, num_stages=2)
 
     o = torch.empty_like(v)
     chunk_output_kernel[(triton.cdiv(DV, BV), NT, B * H)](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, BK, BV,

@@ -175,7 +175,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, 
     BVS = min(32, BVF)
     chunk_state_pass_bwd_kernel[(triton.cdiv(DV, BVS), B * H)](
         q, k, w, do, dv_new, dh, dht, dh0, scale, T, H, NT, DK, DV, BT, BKF, BVS,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4)
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4, num_stages=2)
 
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     dk_state = torch.empty_like(k, dtype=torch.float32)

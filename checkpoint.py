@@ -1,0 +1,288 @@
+"""Checkpoints in the reference (Hugging Face) layout: a folder with config.json + model.safetensors (or shards
+listed in model.safetensors.index.json) + optionally tokenizer.json.
+
+The config uses the field names of the reference config classes (fla's DeltaNetConfig, model_type "delta_net";
+LaCT's LaCTSWIGLUConfig, model_type "lact_swiglu"); the weights use the reference state-dict names, which
+FastWeightLM already produces. A field missing from config.json takes the reference class's default (NOT
+ModelConfig's), a field we do not know is ignored, and a feature we do not implement is refused by name.
+
+API: load_pretrained / save_pretrained (folders), load_tokenizer, model_from_config_json (shapes only, meta device),
+config_from_hf / config_to_hf (the pure field mapping).
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import FastWeightLM, ModelConfig
+
+MODEL_TYPES = {"delta_net": "deltanet", "lact_swiglu": "lact"}          # reference model_type -> ModelConfig.arch
+ARCHITECTURES = {"deltanet": "DeltaNetForCausalLM", "lact": "LaCTForCausalLM"}
+
+_COMMON = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, hidden_ratio=4, intermediate_size=None,
+               norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+               hidden_act="swish")
+# The reference config classes' defaults (fla DeltaNetConfig; LaCT LaCTSWIGLUConfig): the value of a missing field.
+REFERENCE_DEFAULTS = {
+    "deltanet": dict(_COMMON, initializer_range=0.02, max_position_embeddings=2048, num_heads=16, expand_k=1.0,
+                     expand_v=1.0, conv_size=4, use_short_conv=True, use_beta=True, use_gate=False,
+                     use_output_norm=True, qk_activation="silu", qk_norm="l2"),
+    "lact": dict(_COMMON, initializer_range=0.006, max_position_embeddings=2048, num_attn_heads=32, num_lact_heads=4,
+                 inter_multi=1, window_size=2048, lact_chunk_size=2048, qkv_bias=False, attn_qk_norm=False,
+                 qkv_silu=True, no_v_silu=False, lr_dim=1, use_muon=False, use_momentum=True,
+                 learnable_ttt_scale=True, w0_w2_low_rank=-1, fw_init_gain=0.5, rope_theta=10000.0,
+                 ttt_prenorm=False, ttt_nope=False, lr_parameterization="mamba", ttt_loss_type="dot_product"),
+}
+_SWISH = ("swish", "silu")
+# Reference features we do not implement: field -> the values we support. Checked only when the field is present.
+# Everything else the references define (attn_mode, fuse_*, use_l2warp, use_cache, use_fused_kernel, fp32_states,
+# chunk_size, attention_bias, elementwise_affine for LaCT, ...) is a kernel/training detail that leaves logits alone.
+SUPPORTED_VALUES = {
+    "deltanet": dict(use_gate=(False,), use_short_conv=(True,), use_beta=(True,), use_output_norm=(True,),
+                     qk_activation=("silu",), qk_norm=("l2",), allow_neg_eigval=(False,), attn=(None,),
+                     norm_first=(False,), share_conv_kernel=(False,), use_rope=(False,), use_elu=(False,),
+                     conv_bias=(False,), elementwise_affine=(True,), attnres_block_size=(None,), hidden_act=_SWISH),
+    "lact": dict(attn_qk_norm=(False,), no_v_silu=(False,), ttt_prenorm=(False,), lr_dim=(1,),
+                 lr_parameterization=("mamba",), ttt_loss_type=("dot_product",), hidden_act=_SWISH),
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
+
+
+def _same(a, b):
+    """JSON-value equality where true/false never equal 1/0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A reference config.json dict -> ModelConfig. ValueError for an unsupported model_type or feature."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    arch = MODEL_TYPES[model_type]
+    for name, ok in SUPPORTED_VALUES[arch].items():
+        if name in hf and not any(_same(hf[name], v) for v in ok):
+            raise ValueError(f"{model_type} feature {name}={hf[name]!r} is not implemented "
+                             f"(supported: {' or '.join(json.dumps(v) for v in ok)})")
+    ref = {**REFERENCE_DEFAULTS[arch], **{k: v for k, v in hf.items() if k in REFERENCE_DEFAULTS[arch]}}
+    for name in ("window_size", "rope_theta") if arch == "lact" else ():
+        if ref[name] is None:
+            raise ValueError(f"{model_type} feature {name}=null is not implemented (give a number)")
+    ref["hidden_ratio"] = 4 if ref["hidden_ratio"] is None else ref["hidden_ratio"]   # the references' fallback
+    ref["pad_token_id"] = ref["eos_token_id"] if ref["pad_token_id"] is None else ref["pad_token_id"]
+    values = {"arch": arch}
+    for name, value in ref.items():
+        if name not in _FIELDS:
+            continue                                  # hidden_act, ttt_loss_type (checked above, not stored)
+        if isinstance(_FIELDS[name].default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[name] = value
+    return ModelConfig(**values)
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """ModelConfig -> a reference config.json dict (field names of the reference class, model_type, architectures).
+    Runtime-only fields (chunk_size, delta_backend, gradient_checkpointing) are not written."""
+    if config.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {config.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    model_type = {a: t for t, a in MODEL_TYPES.items()}[config.arch]
+    hf = {"model_type": model_type, "architectures": [ARCHITECTURES[config.arch]]}
+    for name, default in REFERENCE_DEFAULTS[config.arch].items():
+        hf[name] = getattr(config, name) if name in _FIELDS else default  # hidden_act, ttt_loss_type: neutral
+    if config.arch == "deltanet":
+        hf.update(attn=None, allow_neg_eigval=False)
+    return hf
+
+
+def _read_config(path):
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder '{folder}' does not exist; pass a folder with {CONFIG} and {WEIGHTS}")
+    if not (folder / CONFIG).is_file():
+        raise ValueError(f"'{folder}' has no {CONFIG}; a checkpoint folder needs {CONFIG} and {WEIGHTS}")
+    return _read_json(folder / CONFIG)
+
+
+def _read_json(file):
+    if not Path(file).is_file():
+        raise ValueError(f"config file '{file}' does not exist")
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{file}' is not valid JSON ({e})") from None
+
+
+def _build(config, device):
+    try:
+        with torch.device(device):
+            return FastWeightLM(config)
+    except NotImplementedError as e:          # a mixer's own guard, in case config_from_hf let something through
+        raise ValueError(str(e)) from None
+
+
+def model_from_config_json(path_or_dict, device="meta", **overrides) -> FastWeightLM:
+    """A FastWeightLM from a reference config (a dict, a config.json file or a checkpoint folder), no weights loaded:
+    on the meta device (the default) only shapes and parameter counts exist; elsewhere the reference init."""
+    if isinstance(path_or_dict, dict):
+        hf = path_or_dict
+    else:
+        p = Path(path_or_dict)
+        hf = _read_config(p) if p.is_dir() or not p.suffix else _read_json(p)
+    return _build(_override(config_from_hf(hf), overrides), device)
+
+
+def _override(config, overrides):
+    bad = sorted(set(overrides) - set(_FIELDS))
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {', '.join(bad)}; valid: {', '.join(_FIELDS)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def _short(names, n=5):
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _read_weights(folder, device):
+    """All tensors of model.safetensors or of the shards in model.safetensors.index.json -> {name: tensor}."""
+    if (folder / WEIGHTS).is_file():
+        return load_file(folder / WEIGHTS, device=device)
+    if not (folder / INDEX).is_file():
+        raise ValueError(f"'{folder}' has no weights: expected {WEIGHTS} or {INDEX} (+ shards); "
+                         f"pytorch_model.bin is not supported")
+    try:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"'{folder / INDEX}' is not a safetensors index (needs a \"weight_map\" object)") from None
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise ValueError(f"'{folder}' lacks shard file(s) listed in {INDEX}: {_short(missing)}")
+    state = {}
+    for shard in shards:
+        state.update(load_file(folder / shard, device=device))
+    return state
+
+
+def _split_fused_mlp(state, expected):
+    """Older fla GatedMLP stored one gate_proj [2I, D] computing `gate, y = gate_proj(x).chunk(2, -1)`:
+    gate_proj = first half, up_proj = second half."""
+    for name in [k for k in state if k.endswith(".mlp.gate_proj.weight")]:
+        up = name.replace(".gate_proj.", ".up_proj.")
+        w = state[name]
+        if up not in state and up in expected and w.shape[0] == 2 * expected[name][0]:
+            state[name], state[up] = w.chunk(2, dim=0)   # [2I, D] -> gate [I, D], up [I, D]
+    return state
+
+
+def _dtype(name):
+    dt = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
+    return dt
+
+
+def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
+    """A FastWeightLM from a checkpoint folder in the reference layout, in eval mode. dtype: None keeps the
+    checkpoint's (config torch_dtype / dtype, else the stored embedding's); device: None = cpu. overrides: runtime
+    ModelConfig fields (delta_backend, chunk_size, gradient_checkpointing, ...). Built on the meta device, then the
+    loaded tensors are assigned, so no memory goes to a throw-away init."""
+    folder = Path(path)
+    hf = _read_config(folder)
+    config = _override(config_from_hf(hf), overrides)
+    device = torch.device(device or "cpu")
+    model = _build(config, "meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")                # the reference drops the tied copy when saving
+    state = _read_weights(folder, str(device))
+    if tied:
+        state.pop("lm_head.weight", None)
+    state = _split_fused_mlp(state, expected)
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"weights in '{folder}' do not match the config: missing keys [{_short(missing)}]; "
+                         f"unexpected keys [{_short(unexpected)}]")
+    bad = [f"{k} {list(state[k].shape)} (model {list(s)})" for k, s in expected.items() if tuple(state[k].shape) != s]
+    if bad:
+        raise ValueError(f"shape mismatches in '{folder}': {_short(bad, 3)}")
+    if dtype is None:
+        stored = hf.get("torch_dtype") or hf.get("dtype")
+        dtype = _dtype(stored) if stored else state["model.embeddings.weight"].dtype
+    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if tied:
+        state["lm_head.weight"] = state["model.embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embeddings.weight   # assign=True made two Parameters; share one
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"parameters left on the meta device after loading: {_short(on_meta)}")
+    return model.eval()
+
+
+def save_pretrained(model: FastWeightLM, path, extra=None):
+    """Write config.json + model.safetensors (reference names; a tied lm_head.weight is left out, as the reference
+    does) into a temporary folder beside `path`, then rename it into place: never a half-written checkpoint.
+    `extra`: more config.json fields (train.py records its tokenizer's name; the references ignore them).
+    Other files of an existing folder (tokenizer.json, ...) are carried over; its old weight files are not."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"'{folder}' exists and is not a folder; pass a checkpoint folder path")
+    params = dict(model.state_dict())
+    if any(t.is_meta for t in params.values()):
+        raise ValueError("the model has parameters on the meta device; load or initialise it before saving")
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight")                  # shares storage with model.embeddings.weight
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
+    hf = config_to_hf(model.config)
+    hf["torch_dtype"] = str(model.lm_head.weight.dtype).replace("torch.", "")
+    hf.update(extra or {})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                     # mkdtemp makes it private; a checkpoint is not
+    try:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        if folder.is_dir():
+            for entry in folder.iterdir():            # keep tokenizer files etc.; drop old weights and config
+                if entry.name in (CONFIG, INDEX) or entry.name.endswith(".safetensors"):
+                    continue
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(path):
+    """The checkpoint folder's tokenizer.json as data.HFTokenizer, with BOS/EOS/PAD ids from its config.json."""
+    import importlib.util
+    folder = Path(path)
+    hf = _read_config(folder)
+    if not (folder / TOKENIZER).is_file():
+        raise ValueError(f"'{folder}' has no {TOKENIZER} (a SentencePiece tokenizer.model alone is not supported)")
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ValueError(f"reading {TOKENIZER} needs the 'tokenizers' package: pip install tokenizers")
+    from data import HFTokenizer
+    eos = hf.get("eos_token_id", 2)
+    pad = hf.get("pad_token_id")
+    return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), eos, eos if pad is None else pad)

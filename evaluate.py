@@ -1,0 +1,395 @@
+"""Evaluation (refine.md section 5): greedy generation, RULER needle-in-a-haystack, RULER multi-document QA,
+LongBench, next-token validation, and test-time training with REFINE (refine.md section 4, "test-time training").
+
+Callable alone (`python evaluate.py --help`) and from train.py. Every score is a fraction in [0, 1]; tables print
+percentages. Generation prefills a whole batch in ONE forward pass (right padding; the model is causal, so the
+state after each row's own last token is exact whatever follows it) and then decodes one token per step from the
+fixed-size fast-weight state.
+
+Long prompts: `max_prompt_tokens` cuts the MIDDLE of a prompt that is too long, keeping its first and last halves
+(BOS + head + tail), as LongBench's pred.py does; the instruction at the start and the question at the end survive.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import metrics
+import reward
+import rollout
+from grpo import refine_loss, rollout_advantages
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, generator=None):
+    """Continue each prompt (list of token ids) by up to max_new_tokens tokens; greedy when temperature == 0.
+    A row stops at eos_id (not included in its output). -> list of generated id lists, in the prompts' order."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if max_new_tokens < 0 or temperature < 0:
+        raise ValueError(f"need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens}, {temperature}")
+    outputs = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return outputs
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.lm_head.weight.device
+        B, T = len(prompts), max(map(len, prompts))
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)                  # [B, T] right-padded
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        last = torch.tensor([[len(p) - 1] for p in prompts], device=device)      # [B, 1] each row's last token
+        out = model(ids, snapshot_at=last)                                         # one prefill for the batch
+        state = out.snapshots                                                      # row b: state after last[b]
+        logits = rollout.prefix_logits(out.logits, last)                           # [B, V]
+        done = [False] * B
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                tok = logits.argmax(-1)                                            # [B] greedy
+            else:
+                tok, _ = rollout.sample_token(logits, temperature, generator=generator)
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    done[b] = eos_id is not None and t == eos_id
+                    if not done[b]:
+                        outputs[b].append(t)
+            if all(done) or i == max_new_tokens - 1:
+                break
+            step = model.step(tok[:, None], state)                                 # O(1) in the prompt length
+            state, logits = step.state, step.logits[:, 0]
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def generate_all(model, prompts, max_new_tokens, eos_id=None, batch_size=8):
+    """Greedy generation for many prompts in batches of similar length (less padding). max_new_tokens: an int or
+    one int per prompt (a batch decodes to its largest; greedy outputs are then cut, which is exact)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        gen = generate(model, [prompts[i] for i in idx], max(limits[i] for i in idx), eos_id)
+        for i, g in zip(idx, gen):
+            outputs[i] = g[:limits[i]]
+    return outputs
+
+
+def decode(tokenizer, ids):
+    """Text of generated ids; ids beyond the tokenizer's vocabulary (a model's vocab is often padded, e.g. 504
+    word tokens in a 512-row head) decode to nothing."""
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
+def encode_prompt(tokenizer, text, max_prompt_tokens=None):
+    """BOS + tokens of `text`; when longer than max_prompt_tokens (BOS included) the middle is cut out."""
+    ids = tokenizer.encode(text)
+    if max_prompt_tokens is not None:
+        if max_prompt_tokens < 3:
+            raise ValueError(f"max_prompt_tokens must be >= 3 (BOS + head + tail), got {max_prompt_tokens}")
+        keep = max_prompt_tokens - 1
+        if len(ids) > keep:
+            head = keep // 2
+            ids = ids[:head] + ids[len(ids) - (keep - head):]                     # LongBench: first + last half
+    return [tokenizer.bos_id] + ids
+
+# ----------------------------------------------------------------------------------------------- NIAH
+
+
+def niah_examples(tokenizer, variant, length, n_examples=100, seed=0, n_needles=4, value_tokens=1):
+    """The evaluation examples of one variant@length: make_niah_example(eval_rng(seed, i)), i < n_examples."""
+    return [data.make_niah_example(data.eval_rng(seed, i), variant, length, tokenizer, n_needles=n_needles,
+                                   value_tokens=value_tokens) for i in range(n_examples)]
+
+
+def score_niah(predictions, examples):
+    """Mean RULER string_match_all of decoded predictions (str) against the examples' answers."""
+    return sum(data.niah_score(p, ex["answers"]) for p, ex in zip(predictions, examples, strict=True)) / len(examples)
+
+
+def eval_niah(model, tokenizer, variants=("S", "MK", "MQ", "MV"), lengths=(256, 512, 1024), n_examples=100, seed=0,
+              batch_size=32, n_needles=4, value_tokens=1):
+    """Greedy NIAH accuracy per variant and length -> {"S@256": score, ...}. Each answer may use
+    len(target) + 2 new tokens."""
+    results = {}
+    for variant in variants:
+        for length in lengths:
+            examples = niah_examples(tokenizer, variant, length, n_examples, seed, n_needles, value_tokens)
+            gen = generate_all(model, [ex["prompt_ids"] for ex in examples],
+                               [len(ex["target_ids"]) + 2 for ex in examples], tokenizer.eos_id, batch_size)
+            results[f"{variant}@{length}"] = score_niah([decode(tokenizer, g) for g in gen], examples)
+    return results
+
+
+def format_table(results):
+    """A markdown table variant x length (percent) from eval_niah's {"V@L": score}, with a row average."""
+    keys = [k.split("@") for k in results]
+    variants = list(dict.fromkeys(v for v, _ in keys))
+    lengths = list(dict.fromkeys(n for _, n in keys))
+    lines = ["| variant | " + " | ".join(lengths) + " | avg |", "|---" * (len(lengths) + 2) + "|"]
+    for v in variants:
+        row = [results.get(f"{v}@{n}") for n in lengths]
+        have = [x for x in row if x is not None]
+        cells = ["-" if x is None else f"{100 * x:.1f}" for x in row] + [f"{100 * sum(have) / len(have):.1f}"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------------------------- RULER QA, LongBench
+
+
+def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_size=4, max_prompt_tokens=None,
+                  mode="refine"):
+    """RULER multi-document QA (string_match_part) on a prompt/answer file -> dict(score, n, predictions)."""
+    rows = data.load_prompt_answer(path)[:limit]
+    if not rows:
+        raise ValueError(f"'{path}' holds no prompt/answer rows")
+    prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
+    gen = generate_all(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size)
+    preds = [decode(tokenizer, g) for g in gen]
+    scores = [metrics.ruler_qa_score(p, r["answers"], mode=mode) for p, r in zip(preds, rows)]
+    return dict(score=sum(scores) / len(scores), n=len(scores), predictions=preds)
+
+
+def _parquet_files(paths):
+    files = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        if not p.exists():
+            raise ValueError(f"LongBench path '{p}' does not exist; pass .parquet files or a folder of them")
+        files += sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"no .parquet files in {paths}")
+    return files
+
+
+def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_size=1, max_prompt_tokens=None,
+                   max_new_tokens=None):
+    """LongBench on parquet files (columns task, prompt, answers) -> {task: score, ..., "average": mean over tasks}.
+    New tokens per task from metrics.LONGBENCH_MAX_NEW_TOKENS unless max_new_tokens is given (REFINE used 32).
+    limit: rows per file. mode: metrics.longbench_score's mode ("longbench" or "refine")."""
+    import pyarrow.parquet as pq
+    rows_by_task = {}
+    for f in _parquet_files(paths):
+        missing = {"task", "prompt", "answers"} - set(pq.read_schema(f).names)
+        if missing:
+            raise ValueError(f"'{f}' lacks the column(s) {', '.join(sorted(missing))}; LongBench files need task, "
+                             f"prompt, answers")
+        table = pq.read_table(f, columns=["task", "prompt", "answers"]).to_pylist()[:limit]
+        for row in table:
+            rows_by_task.setdefault(row["task"], []).append(row)
+    if not rows_by_task:
+        raise ValueError(f"no LongBench rows in {paths} (limit={limit})")
+    results = {}
+    for task, rows in rows_by_task.items():
+        if task not in metrics.LONGBENCH_MAX_NEW_TOKENS:
+            raise ValueError(f"unknown LongBench task '{task}'; valid: {', '.join(metrics.LONGBENCH_MAX_NEW_TOKENS)}")
+        n_new = max_new_tokens or metrics.LONGBENCH_MAX_NEW_TOKENS[task]
+        prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
+        gen = generate_all(model, prompts, n_new, tokenizer.eos_id, batch_size)
+        scores = [metrics.longbench_score(task, decode(tokenizer, g), r["answers"], mode=mode)
+                  for g, r in zip(gen, rows)]
+        results[task] = sum(scores) / len(scores)
+    results["average"] = sum(results.values()) / len(results)
+    return results
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def eval_validation(model, batches):
+    """Next-token loss and greedy (argmax) accuracy, token-weighted over batches [B, T+1] -> dict(loss, acc)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device, loss_sum, hits, count = model.lm_head.weight.device, 0.0, 0, 0
+        for batch in batches:
+            batch = batch.to(device)
+            x, y = batch[:, :-1], batch[:, 1:]                                     # [B, T] inputs, targets
+            logits = model(x).logits                                               # [B, T, V]
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()   # logits >= fp32
+            hits += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no validation tokens: batches must be a non-empty list of [B, T+1] tensors with T >= 1")
+    return dict(loss=loss_sum / count, acc=hits / count)
+
+# ----------------------------------------------------------------------------------------------- test-time training
+
+
+def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
+    """Adapt on one prompt (list of ids) with REFINE for `steps` optimizer steps: x = prompt[:-1], y = prompt[1:]
+    (batch of 1), L = lambda_RL * L_NSP + lambda_SFT * L_NTP. Gradients are cleared first. -> last step's stats."""
+    L = len(prompt_ids) - 1
+    if L < max(cfg.n_chunks, cfg.rollout_len + 1):
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens is too short for test-time training with "
+                         f"n_chunks={cfg.n_chunks}, rollout_len={cfg.rollout_len}; need at least "
+                         f"{max(cfg.n_chunks, cfg.rollout_len + 1) + 1} tokens")
+    device = model.lm_head.weight.device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)[None]     # [1, L + 1]
+    x, y = ids[:, :-1], ids[:, 1:]                                                 # [1, L]
+    was_training, stats = model.training, {}
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        for _ in range(steps):
+            out, ro = rollout.collect_rollouts(model, x, cfg, generator)          # steps 1-2: select, roll out
+            rewards = reward.compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(ro.n, 0), ro.tokens,
+                                            ro.gt_tokens.repeat_interleave(ro.n, 0))   # step 3   [N]
+            adv = rollout_advantages(rewards, cfg.n_chunks, cfg.n_rollouts, cfg.group_by, cfg.adv_scale)
+            loss, stats = refine_loss(model, x, y, out, ro, adv, cfg)              # step 4: eq. 8
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_tokens, score_fn, reset=True,
+                 generator=None):
+    """Test-time training: for each example (dict prompt_ids, answers) score the greedy answer, adapt on the prompt
+    (ttt_adapt), score again. score_fn(prediction: str, answers) -> float. reset=True restores the parameters and
+    the optimizer state after every example (refine.md 7.1); reset=False keeps adapting (the official code).
+    -> dict(base, adapted: mean scores, n, per_example: [dict(base, adapted, base_prediction, adapted_prediction)])."""
+    if not examples:
+        raise ValueError("examples is empty; need at least one dict(prompt_ids, answers)")
+    per_example = []
+    for ex in examples:
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())) if reset else None
+        preds = [decode(tokenizer, generate(model, [ex["prompt_ids"]], max_new_tokens, tokenizer.eos_id)[0])]
+        ttt_adapt(model, optimizer, ex["prompt_ids"], cfg, steps, generator)
+        preds.append(decode(tokenizer, generate(model, [ex["prompt_ids"]], max_new_tokens, tokenizer.eos_id)[0]))
+        if reset:
+            model.load_state_dict(saved[0])
+            optimizer.load_state_dict(saved[1])
+        per_example.append(dict(base=score_fn(preds[0], ex["answers"]), adapted=score_fn(preds[1], ex["answers"]),
+                                base_prediction=preds[0], adapted_prediction=preds[1]))
+    n = len(per_example)
+    return dict(base=sum(e["base"] for e in per_example) / n, adapted=sum(e["adapted"] for e in per_example) / n,
+                n=n, per_example=per_example)
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 (argparse prints the usage too)
+        print(f"evaluate.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _checkpoint_dir(path):
+    p = Path(path)
+    for d in (p, p / "hf"):
+        if (d / "config.json").is_file():
+            return d
+    raise ValueError(f"no checkpoint at '{path}': expected config.json + model.safetensors there or in '{p / 'hf'}'")
+
+
+def _load_tokenizer(ckpt_dir, fallback):
+    """tokenizer.json in the folder, else config.json's "tokenizer" (written by train.py), else --tokenizer."""
+    import checkpoint
+    if (ckpt_dir / "tokenizer.json").is_file():
+        return checkpoint.load_tokenizer(ckpt_dir)
+    name = json.loads((ckpt_dir / "config.json").read_text()).get("tokenizer") or fallback
+    if name is None:
+        raise ValueError(f"'{ckpt_dir}' names no tokenizer (no tokenizer.json, no \"tokenizer\" in config.json); "
+                         f"pass --tokenizer byte|word|gpt2|...")
+    return data.get_tokenizer(name)
+
+
+def _device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _ints(text):
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def main(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="examples:\n"
+                       "  python evaluate.py --ckpt out/ --task niah --lengths 256,512,1024 --n 100 --out r.json\n"
+                       "  python evaluate.py --ckpt out/hf --task ruler --data ruler_squadqa_lact_4096.parquet\n"
+                       "  python evaluate.py --ckpt out/ --task longbench --data longbench/ --limit 20\n"
+                       "  python evaluate.py --ckpt out/ --task val --data books.jsonl --seq-len 1024\n"
+                       "--ckpt: a Hugging Face style folder (config.json + model.safetensors) or a training out_dir "
+                       "holding one in hf/.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training out_dir with hf/ inside")
+    p.add_argument("--task", required=True, choices=("niah", "ruler", "longbench", "val"),
+                   help="niah: synthetic RULER needle-in-a-haystack (S/MK/MQ/MV); ruler: RULER QA parquet; "
+                        "longbench: LongBench parquet files or folder; val: NTP loss/accuracy on a text file")
+    p.add_argument("--data", nargs="+", help="data file(s) or folder for ruler / longbench / val")
+    p.add_argument("--tokenizer", help="used when the checkpoint names none (byte, word, gpt2, ...)")
+    p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: checkpoint's")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default="S,MK,MQ,MV", help="niah: comma-separated variants")
+    p.add_argument("--lengths", type=_ints, default=(256, 512, 1024), help="niah: comma-separated lengths")
+    p.add_argument("--n", type=int, default=100, help="niah: examples per variant@length")
+    p.add_argument("--n-needles", type=int, default=4)
+    p.add_argument("--value-tokens", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="ruler/longbench: first rows only (per file)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="ruler: 32; longbench: per task unless given")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="cut the middle of longer prompts")
+    p.add_argument("--mode", default=None, help="scoring: ruler refine|ruler, longbench longbench|refine")
+    p.add_argument("--seq-len", type=int, default=1024, help="val: tokens per row")
+    p.add_argument("--n-batches", type=int, default=8, help="val: batches")
+    args = p.parse_args(argv)
+    try:
+        if args.task != "niah" and not args.data:
+            raise ValueError(f"--task {args.task} needs --data")
+        for path in args.data or []:
+            if not Path(path).exists():
+                raise ValueError(f"data path '{path}' does not exist")
+        ckpt = _checkpoint_dir(args.ckpt)
+        import checkpoint
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = checkpoint.load_pretrained(str(ckpt), dtype=dtype, device=args.device or _device())
+        tokenizer = _load_tokenizer(ckpt, args.tokenizer)
+        if args.task == "niah":
+            results = eval_niah(model, tokenizer, tuple(args.variants.split(",")), args.lengths, args.n, args.seed,
+                                args.batch_size or 32, args.n_needles, args.value_tokens)
+            print(format_table(results))
+        elif args.task == "ruler":
+            results = eval_ruler_qa(model, tokenizer, args.data[0], args.max_new_tokens or 32, args.limit,
+                                    args.batch_size or 4, args.max_prompt_tokens, args.mode or "refine")
+            print(f"RULER QA {args.data[0]}: {100 * results['score']:.1f} (n={results['n']})")
+        elif args.task == "longbench":
+            results = eval_longbench(model, tokenizer, args.data, args.limit, args.mode or "longbench",
+                                     args.batch_size or 1, args.max_prompt_tokens, args.max_new_tokens)
+            print("\n".join(f"{task:>16}: {100 * s:.1f}" for task, s in results.items()))
+        else:
+            text = data.TextData(args.data[0], tokenizer, args.seq_len, args.seed)
+            results = eval_validation(model, [text.get_batch(args.batch_size or 8) for _ in range(args.n_batches)])
+            print(f"val loss {results['loss']:.4f}  acc {results['acc']:.4f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(ckpt=str(ckpt), args=vars(args), results=results), indent=1))
+    except (ValueError, OSError, ImportError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Train a fast-weight language model with REFINE (or plain next-token prediction), from a laptop CPU to a GPU node.
+
+    python train.py --preset toy                                   # tiny DeltaNet on built-in data, CPU, minutes
+    python train.py --preset toy --max_steps=50 --lambda_rl=0.5    # any config field as --key=value
+    python train.py --list_presets
+    python train.py --preset deltanet-1.3b-mid --init_from=DIR --data=DIR   # the paper's runs (GPUs)
+    torchrun --nproc_per_node=8 train.py --preset ...              # data parallel (NCCL on GPUs, gloo on CPUs)
+
+Reads top to bottom: config -> presets -> command line -> setup -> one training step -> the loop -> checkpoints.
+One REFINE step (paper section 3): ONE forward over the batch gives the NTP loss, the entropies, h_gt and the
+fast-weight state after each selected position; rollouts decode k tokens from those states; rewards -> GRPO
+advantages -> L = lambda_RL * L_NSP + lambda_SFT * L_NTP -> one backward, one AdamW step.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+import data as datalib
+from grpo import default_normaliser, refine_loss, rollout_advantages, ntp_loss, zero_std_fraction
+from model import MODEL_PRESETS, FastWeightLM, build_model
+from reward import compute_reward
+from rollout import collect_rollouts
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "out/toy"
+    model: str = "toy-deltanet"        # a model.MODEL_PRESETS name (ignored with init_from)
+    init_from: str = ""                # a checkpoint folder (Hugging Face layout, or a training out_dir)
+    resume: bool = False               # continue from out_dir's checkpoint
+    device: str = "auto"               # auto | cpu | cuda | mps
+    dtype: str = "float32"             # float32 | bfloat16 (autocast; master weights stay fp32)
+    gradient_checkpointing: bool = False
+    seed: int = 1337
+    # data
+    data: str = "synthetic"            # synthetic | a .txt/.jsonl/.parquet file or a folder of them
+    tokenizer: str = "word"            # byte | word | gpt2 | cl100k_base | o200k_base (a checkpoint brings its own)
+    seq_len: int = 256
+    batch_size: int = 16               # sequences per batch, all processes together
+    micro_batch_size: int = 0          # sequences per forward/backward (0: the whole batch)
+    n_needles: int = 4                 # synthetic data: at most this many key-value facts per document
+    # phases and objective
+    phase: str = "mid"                 # pretrain | mid | post | ttt
+    objective: str = "refine"          # refine | sft (next-token prediction only: the baseline)
+    warmup_steps: int = 0              # NTP-only steps before REFINE starts (at warmup_seq_len / warmup_batch_size)
+    warmup_seq_len: int = 0            # 0: seq_len
+    warmup_batch_size: int = 0         # 0: batch_size
+    max_steps: int = 100
+    # optimiser (AdamW)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"      # constant | cosine (to lr / 10)
+    lr_warmup: int = 0                 # linear warm-up steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    # REFINE (refine.md section 3; defaults are the paper's)
+    n_chunks: int = 8                  # c: positions per sequence
+    rollout_len: int = 5               # k: tokens per rollout
+    n_rollouts: int = 1                # n: rollouts per position
+    reward: str = "cosine"             # cosine | binary | hybrid
+    lambda_rl: float = 0.2
+    lambda_sft: float = 1.0
+    select_mode: str = "entropy"       # entropy | uniform | argmax | argmin
+    select_temperature: float = 1.0    # tau of the selection softmax
+    margin: int = 20                   # rollout starts stay in [margin, L - margin]
+    sample_temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    group_by: str = "sequence"         # sequence (official, n = 1) | position (a group = the n rollouts of a prefix)
+    adv_scale: str = "group"           # group | batch | none
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float = 3.0                # dual clip for negative advantages
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    ppo_mini_batch: int = 0            # sequences per optimiser update within a batch (0: the whole batch)
+    rollout_mode: str = "snapshot"     # snapshot (one forward) | reforward (the official per-prefix re-runs)
+    eos_id: int = -1                   # set from the tokenizer
+    # test-time training (phase ttt)
+    ttt_steps: int = 1
+    ttt_reset: bool = True             # restore weights and optimiser after each example (False: official)
+    # evaluation, logging, checkpoints
+    eval_interval: int = 0             # validation every N steps (0: only at the end)
+    eval_batches: int = 4
+    eval_lengths: str = "256,512"      # NIAH context lengths of the final evaluation (synthetic data)
+    eval_examples: int = 50            # NIAH examples per variant and length
+    ckpt_interval: int = 0             # checkpoint every N steps (0: only at the end)
+    log_interval: int = 1
+
+
+# A preset is a one-line description and a small set of overrides.
+PAPER = dict(lr=1e-6, lr_schedule="constant", weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=1.0,
+             n_chunks=8, rollout_len=5, n_rollouts=1, seq_len=16384, dtype="bfloat16", gradient_checkpointing=True,
+             micro_batch_size=1, tokenizer="checkpoint", data="", eval_lengths="4096,8192,16384")
+PHASES = {"mid": dict(phase="mid", reward="cosine", lambda_rl=0.2, batch_size=128, ppo_mini_batch=32),
+          "post": dict(phase="post", reward="hybrid", lambda_rl=0.2, batch_size=64, ppo_mini_batch=16),
+          "ttt": dict(phase="ttt", reward="binary", lambda_rl=0.4, batch_size=8, ppo_mini_batch=4)}
+TOY = dict(model="toy-deltanet", data="synthetic", tokenizer="word", device="auto", seq_len=256, batch_size=16,
+           warmup_steps=500, warmup_seq_len=64, warmup_batch_size=64, max_steps=600, lr=3e-3, lr_warmup=50,
+           lr_schedule="cosine", beta2=0.98, weight_decay=0.1, margin=8, eval_lengths="256,512", eval_examples=50)
+PRESETS = {
+    "toy": ("tiny DeltaNet, built-in data, CPU: NTP warm-up, then REFINE mid-training, then NIAH", dict(TOY)),
+    "toy-lact": ("the same with a tiny LaCT", dict(TOY, model="toy-lact", out_dir="out/toy-lact")),
+    "toy-sft": ("the toy run with next-token prediction only (the baseline)",
+                dict(TOY, objective="sft", out_dir="out/toy-sft")),
+}
+for _arch, _name in (("deltanet-1.3b", "DeltaNet-1.3B"), ("lact-760m", "LaCT-760M")):
+    for _phase, _over in PHASES.items():
+        PRESETS[f"{_arch}-{_phase}"] = (f"{_name} {_phase}-training as in the paper (needs --init_from, GPUs)",
+                                        dict(PAPER, model=_arch, out_dir=f"out/{_arch}-{_phase}", **_over))
+CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), dtype=("float32", "bfloat16"),
+               phase=("pretrain", "mid", "post", "ttt"), objective=("refine", "sft"),
+               reward=("cosine", "binary", "hybrid"), select_mode=("entropy", "uniform", "argmax", "argmin"),
+               group_by=("sequence", "position"), adv_scale=("group", "batch", "none"),
+               loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+               rollout_mode=("snapshot", "reforward"), lr_schedule=("constant", "cosine"))
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def parse_args(argv):
+    """--preset NAME [--key=value ...] -> TrainConfig. Values are converted to the field's type."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    preset, overrides = None, {}
+    argv = list(argv)
+    if "--preset" in argv:  # "--preset NAME" as well as "--preset=NAME"
+        i = argv.index("--preset")
+        if i + 1 == len(argv):
+            raise ValueError(f"--preset needs a name; choose one of {', '.join(PRESETS)}")
+        argv[i:i + 2] = [f"--preset={argv[i + 1]}"]
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; use --preset NAME and --key=value")
+        if key == "preset":
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+            preset = value
+        elif key not in types:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
+        elif types[key] is bool:
+            if eq and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{key} takes true or false, not {value!r}")
+            overrides[key] = not eq or value.lower() in ("true", "1")
+        else:
+            try:
+                overrides[key] = types[key](value)   # int, float or str
+            except ValueError:
+                raise ValueError(f"--{key}={value!r} is not a valid {types[key].__name__}") from None
+    cfg = TrainConfig(**{**(PRESETS[preset][1] if preset else {}), **overrides})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r} is not valid; choose one of {', '.join(options)}")
+    if not cfg.init_from and cfg.model not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    for key in ("n_chunks", "rollout_len", "n_rollouts", "seq_len", "batch_size", "max_steps"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.rollout_len + 1 > cfg.seq_len // cfg.n_chunks:
+        raise ValueError(f"--rollout_len={cfg.rollout_len} does not fit: each of the {cfg.n_chunks} chunks of "
+                         f"seq_len {cfg.seq_len} needs more than rollout_len + 1 tokens")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    mini = cfg.ppo_mini_batch or cfg.batch_size
+    if cfg.batch_size % mini or mini % micro:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of ppo_mini_batch {mini}, itself a "
+                         f"multiple of micro_batch_size {micro}")
+    if cfg.phase in ("post", "ttt") and cfg.data == "synthetic" and cfg.model not in ("toy-deltanet", "toy-lact"):
+        raise ValueError(f"--phase={cfg.phase} needs --data=a prompt/answer parquet")
+    if cfg.tokenizer == "checkpoint" and not cfg.init_from:
+        raise ValueError("this preset needs --init_from=a checkpoint folder (see README: pretrained checkpoints)")
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def setup_distributed(cfg):
+    """-> (rank, world size, device). torchrun sets RANK / WORLD_SIZE; otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if world == 1:
+        return 0, 1, torch.device(device)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device(device)
+
+
+def load_model(cfg, device):
+    """A fresh model from a preset, or the weights of --init_from, and its tokenizer."""
+    if cfg.init_from:
+        from checkpoint import load_pretrained, load_tokenizer
+        folder = cfg.init_from
+        if os.path.isdir(os.path.join(folder, "hf")):
+            folder = os.path.join(folder, "hf")
+        model = load_pretrained(folder, device=device)
+        with open(os.path.join(folder, "config.json")) as f:
+            name = json.load(f).get("tokenizer")
+        tok = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) else \
+            datalib.get_tokenizer(name or cfg.tokenizer)
+    else:
+        tok = datalib.get_tokenizer(cfg.tokenizer)
+        preset = MODEL_PRESETS[cfg.model]
+        vocab = max(preset.vocab_size, tok.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                            pad_token_id=tok.pad_id).to(device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}; use a matching --tokenizer")
+    model.config.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tok
+
+
+def load_data(cfg, tok, seq_len):
+    if cfg.data == "synthetic":
+        return datalib.SyntheticData(tok, seq_len, cfg.seed, n_needles=(1, cfg.n_needles))
+    return datalib.TextData(cfg.data, tok, seq_len, cfg.seed)
+
+
+def make_optimizer(model, cfg):
+    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step, cfg):
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.lr_warmup) / max(1, cfg.max_steps - cfg.lr_warmup)
+    return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+def rollout_generator(cfg, step, micro_index, device):
+    """Selection and sampling randomness seeded by (seed, step, global micro-batch): identical whatever the number
+    of processes, and exact on resume."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1_000_003 + step * 10_007 + micro_index)
+    return gen
+
+
+def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None):
+    """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, gradients all-reduced, AdamW steps
+    (one per PPO mini-batch). Losses are normalised by whole-batch counts, so the update does not depend on how
+    the batch is split into processes or micro-batches. -> stats dict, or None if a loss was not finite."""
+    device = batch.device
+    B = batch.shape[0]
+    micro = min(cfg.micro_batch_size or B * world, B)
+    mini = min(cfg.ppo_mini_batch or B * world, B * world) // world
+    x_all, y_all = batch[:, :-1], batch[:, 1:]
+    mask_all = None if lengths is None else torch.arange(x_all.shape[1], device=device) < (lengths[:, None] - 1)
+    stats = {"ntp_loss": 0.0, "nsp_loss": 0.0, "rewards": [], "zero_std": [], "clip_frac": 0.0, "grad_norm": 0.0}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    for m0 in range(0, B, mini):   # one optimiser update per PPO mini-batch
+        xs, ys = x_all[m0:m0 + mini], y_all[m0:m0 + mini]
+        n_tok = (ys.numel() if mask_all is None else int(mask_all[m0:m0 + mini].sum())) * world
+        n_nsp = default_normaliser(torch.ones(mini * world * cfg.n_chunks * cfg.n_rollouts, cfg.rollout_len),
+                                   cfg.loss_agg)
+        for j in range(0, xs.shape[0], micro):
+            x, y = xs[j:j + micro], ys[j:j + micro]
+            msk = None if mask_all is None else mask_all[m0 + j:m0 + j + micro]
+            with autocast:
+                if not use_refine:
+                    out = model(x)
+                    loss = ntp_loss(out.logits, y, msk, n_tok)
+                    part = {"ntp_loss": loss.item(), "nsp_loss": 0.0}
+                else:
+                    gen = rollout_generator(cfg, step, (rank * B + m0 + j) // micro, device)
+                    lens = None if lengths is None else lengths[m0 + j:m0 + j + micro] - 1
+                    out, ro = collect_rollouts(model, x, cfg, gen, lens, cfg.rollout_mode)
+                    n = ro.n
+                    rewards = compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(n, 0), ro.tokens,
+                                             ro.gt_tokens.repeat_interleave(n, 0))
+                    adv = rollout_advantages(rewards, cfg.n_chunks, n, cfg.group_by, cfg.adv_scale)
+                    loss, part = refine_loss(model, x, y, out, ro, adv, cfg, msk, n_tok, n_nsp, cfg.rollout_mode)
+                    stats["rewards"].append(rewards)
+                    size = cfg.n_chunks * n if cfg.group_by == "sequence" else n
+                    stats["zero_std"].append(zero_std_fraction(rewards.view(-1, size)))
+                    stats["clip_frac"] += (part["clip_frac_high"] + part["clip_frac_low"]) * x.shape[0] / B
+            if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                return None
+            loss.backward()
+            stats["ntp_loss"] += part["ntp_loss"] * mini / B   # this process's share of the batch mean
+            stats["nsp_loss"] += part["nsp_loss"] * mini / B
+        if world > 1:  # data parallel: sum the gradients (each process's loss is already a share of the batch)
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(norm):
+            opt.zero_grad(set_to_none=True)
+            return None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats["grad_norm"] = norm.item()
+    if world > 1:  # the logged losses: the shares of all processes add up to the batch mean
+        shares = torch.tensor([stats["ntp_loss"], stats["nsp_loss"]], device=device)
+        dist.all_reduce(shares)
+        stats["ntp_loss"], stats["nsp_loss"] = shares.tolist()
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path, model, opt, cfg, step, data_state):
+    """One file, written to a temporary name and renamed: a crash never leaves a half-written checkpoint."""
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
+            "model_config": dataclasses.asdict(model.config), "step": step, "data": data_state,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, "versions": versions()}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, opt):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot resume from {path}: corrupt or incompatible checkpoint ({first[:200]})") from None
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def versions():
+    import numpy
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list_presets" in argv:
+        for name, (about, _) in PRESETS.items():
+            print(f"{name:22s} {about}")
+        return 0
+    try:  # everything that can be wrong with the input is found here, before anything is written
+        cfg = parse_args(argv)
+        rank, world, device = setup_distributed(cfg)
+        model, tok = load_model(cfg, device)
+        cfg = dataclasses.replace(cfg, eos_id=tok.eos_id)
+        opt = make_optimizer(model, cfg)
+        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        start, data_state = 0, None
+        if cfg.resume:
+            if not os.path.exists(ckpt_path):
+                raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+            ckpt = load_checkpoint(ckpt_path, model, opt)
+            start, data_state = ckpt["step"], ckpt["data"]
+        elif os.path.exists(ckpt_path):
+            raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
+        if cfg.phase in ("post", "ttt"):
+            from evaluate import run_phase  # the nested post-training loop and test-time training
+            return run_phase(cfg, model, opt, tok, device)
+        data = load_data(cfg, tok, cfg.seq_len)
+        warm = load_data(cfg, tok, cfg.warmup_seq_len or cfg.seq_len) if cfg.warmup_steps else None
+        val = load_data(dataclasses.replace(cfg, seed=cfg.seed + 1), tok, cfg.seq_len)
+        if data_state:
+            data.load_state_dict(data_state["data"])
+            if warm:
+                warm.load_state_dict(data_state["warm"])
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return train(cfg, model, opt, tok, data, warm, val, start, rank, world, device)
+
+
+def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
+    master = rank == 0
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        print(f"versions: {versions()}  device: {device}  processes: {world}  parameters: "
+              f"{model.num_parameters():,}")
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
+                       "versions": versions(), "device": str(device)}, f, indent=1)
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    bad, t0 = 0, time.time()
+    model.train()
+    for step in range(start, cfg.max_steps):
+        in_warmup = step < cfg.warmup_steps
+        source = warm if in_warmup else data
+        B = (cfg.warmup_batch_size or cfg.batch_size) if in_warmup else cfg.batch_size
+        batch = source.get_batch(B)[rank * (B // world):(rank + 1) * (B // world)].to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        use_refine = cfg.objective == "refine" and cfg.phase != "pretrain" and not in_warmup
+        t = time.time()
+        stats = train_step(model, opt, batch, cfg, step, rank, world, use_refine)
+        if stats is None:
+            bad += 1
+            if master:
+                print(f"warning: step {step}: loss or gradient is not finite; step skipped ({bad} in a row)")
+            if bad == 3:
+                print("train.py: error: 3 non-finite steps in a row; stopping (the last checkpoint is intact)",
+                      file=sys.stderr)
+                return 3
+            continue
+        bad = 0
+        dt = time.time() - t
+        rewards = torch.cat(stats["rewards"]) if stats["rewards"] else torch.zeros(0)
+        row = {"step": step + 1, "ntp_loss": stats["ntp_loss"], "nsp_loss": stats["nsp_loss"],
+               "reward_mean": rewards.mean().item() if len(rewards) else None,
+               "reward_std": rewards.std().item() if len(rewards) > 1 else None,
+               "zero_std_frac": sum(stats["zero_std"]) / len(stats["zero_std"]) if stats["zero_std"] else None,
+               "clip_frac": stats["clip_frac"], "grad_norm": stats["grad_norm"], "lr": lr_at(step, cfg),
+               "tokens_per_s": batch.numel() * world / dt, "phase": "ntp-warmup" if in_warmup else cfg.objective}
+        if master:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+                eta = (time.time() - t0) / (step + 1 - start) * (cfg.max_steps - step - 1)
+                rw = "" if row["reward_mean"] is None else \
+                    f" | reward {row['reward_mean']:.3f}±{row['reward_std'] or 0:.3f} zero-std " \
+                    f"{row['zero_std_frac']:.2f} clip {row['clip_frac']:.3f}"
+                print(f"step {step + 1:5d} | ntp {row['ntp_loss']:.4f} nsp {row['nsp_loss']:+.4f}{rw} | "
+                      f"grad {row['grad_norm']:.2f} lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s "
+                      f"| eta {eta:.0f}s")
+        done = step + 1 == cfg.max_steps
+        if master and cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and not done:
+            print(f"eval step {step + 1}: {validation(model, val, cfg)}")
+        if master and (done or (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0)):
+            data_state = {"data": data.state_dict(), "warm": warm.state_dict() if warm else None}
+            save_checkpoint(ckpt_path, model, opt, cfg, step + 1, data_state)
+    if master:
+        export(model, tok, cfg)
+        final_evaluation(model, tok, val, cfg, log)
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def export(model, tok, cfg):
+    """The model in the reference (Hugging Face) layout at out_dir/hf, loadable by fla / LaCT and evaluate.py."""
+    from checkpoint import save_pretrained
+    path = os.path.join(cfg.out_dir, "hf")
+    save_pretrained(model, path, extra={"tokenizer": tok.name})
+
+
+def validation(model, val, cfg):
+    from evaluate import eval_validation
+    state = val.state_dict()
+    batches = [val.get_batch(min(cfg.batch_size, 16)).to(model.lm_head.weight.device) for _ in range(cfg.eval_batches)]
+    val.load_state_dict(state)  # the same held-out batches every time
+    return eval_validation(model, batches)
+
+
+def final_evaluation(model, tok, val, cfg, log):
+    from evaluate import eval_niah, format_table
+    results = {f"val_{k}": v for k, v in validation(model, val, cfg).items()}
+    print(f"validation: loss {results['val_loss']:.4f}  next-token accuracy {results['val_acc']:.4f}")
+    if cfg.data == "synthetic" and cfg.eval_examples > 0:
+        lengths = tuple(int(n) for n in cfg.eval_lengths.split(","))
+        niah = eval_niah(model, tok, lengths=lengths, n_examples=cfg.eval_examples, seed=cfg.seed)
+        print(format_table(niah))
+        results.update({f"niah_{k}": v for k, v in niah.items()})
+    log.write(json.dumps({"final": results}) + "\n")
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
