@@ -359,6 +359,8 @@ def main(argv=None):
     try:
         if args.task != "niah" and not args.data:
             raise ValueError(f"--task {args.task} needs --data")
+        if args.task in ("ruler", "val") and len(args.data) > 1:
+            raise ValueError(f"--task {args.task} takes one --data path (a file or a folder), got {len(args.data)}")
         for path in args.data or []:
             if not Path(path).exists():
                 raise ValueError(f"data path '{path}' does not exist")

@@ -172,6 +172,12 @@ def chunk_output_kernel(q, k, v_new, h, o, scale, seq_len, H, NT, DK: tl.constex
 
 
 # ------------------------------------------------------------------------------------------------- host side
+def launch_options(dtype):
+    """num_warps / num_stages for every launch: fp32 tiles are twice as large, so they get no extra pipeline stage
+    (two stages of fp32 [64, 128] tiles overflow the shared memory of an H100)."""
+    return dict(num_warps=4, num_stages=1 if dtype == torch.float32 else 2)
+
+
 def block_sizes(DK, DV):
     """Padded head dims (BKF, BVF: powers of two >= 16) and the column blocks used by the kernels."""
     BKF, BVF = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
@@ -185,9 +191,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
     DV = v.shape[-1]
     NT = triton.cdiv(T, BT)
     BKF, BVF, BK, BV = block_sizes(DK, DV)
+    opts = launch_options(q.dtype)
     T_mat = k.new_empty(B, T, H, BT)                                             # [B, T, H, BT]: row t holds T_{t, :}
     w, u = torch.empty_like(k), torch.empty_like(v)                              # [B, T, H, DK], [B, T, H, DV]
-    wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, BK, BV, num_warps=4)
+    wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, BK, BV, **opts)
 
     h = k.new_empty(B, NT, H, DK, DV)                                            # S_n, the state entering chunk n
     v_new = torch.empty_like(v)                                                  # V'
@@ -195,11 +202,11 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
     BVS = min(32, BVF)                                                           # more programs for the serial pass
     chunk_state_pass_kernel[(triton.cdiv(DV, BVS), B * H)](
         k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, BKF, BVS,
-        HAS_H0=h0 is not None, STORE_HT=output_final_state, num_warps=4, num_stages=2)
+        HAS_H0=h0 is not None, STORE_HT=output_final_state, **opts)
 
     o = torch.empty_like(v)
-    chunk_output_kernel[(triton.cdiv(DV, BV), NT, B * H)](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, BK, BV,
-                                                          num_warps=4)
+    grid = (triton.cdiv(DV, BV), NT, B * H)
+    chunk_output_kernel[grid](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, BK, BV, **opts)
     return o, ht, (T_mat, w, h, v_new)
 
 
@@ -227,7 +234,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
 
 def triton_can_run(tensor):
     """True if the kernels can run on `tensor`: it is on CUDA, or TRITON_INTERPRET=1 and the kernels were built for
-    the interpreter (the flag must be set before this module is imported)."""
+    the interpreter (the flag must be set before triton is first imported)."""
     if not TRITON_AVAILABLE:
         return False
     interpreted = type(chunk_output_kernel).__name__ == "InterpretedFunction"

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import block_sizes, load_rows, load_tile, store_tile
+from .triton_delta import block_sizes, launch_options, load_rows, load_tile, store_tile
 
 
 @triton.jit
@@ -167,22 +167,23 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, 
     DV = v.shape[-1]
     NT = triton.cdiv(T, BT)
     BKF, BVF, BK, BV = block_sizes(DK, DV)
+    opts = launch_options(q.dtype)
     dv_new = torch.empty_like(v)                                                 # dV' (intra part, then full)
-    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_new, scale, T, H, DK, DV, BT, BK, BV, num_warps=4)
+    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_new, scale, T, H, DK, DV, BT, BK, BV, **opts)
 
     dh = torch.empty_like(h)                                                     # dS_{n+1} per chunk n
     dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32) if need_dh0 else None
     BVS = min(32, BVF)
     chunk_state_pass_bwd_kernel[(triton.cdiv(DV, BVS), B * H)](
         q, k, w, do, dv_new, dh, dht, dh0, scale, T, H, NT, DK, DV, BT, BKF, BVS,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4, num_stages=2)
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, **opts)
 
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     dk_state = torch.empty_like(k, dtype=torch.float32)
     chunk_output_bwd_dqk_kernel[(triton.cdiv(DK, BK), NT, B * H)](
-        q, k, v_new, do, dv_new, h, dh, dq, dk_state, dw, scale, T, H, NT, DK, DV, BT, BK, BV, num_warps=4)
+        q, k, v_new, do, dv_new, h, dh, dq, dk_state, dw, scale, T, H, NT, DK, DV, BT, BK, BV, **opts)
 
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     wy_representation_bwd_kernel[(NT, B * H)](k, v, beta, T_mat, dw, dv_new, dk_state, dk, dv, dbeta, T, H, DK, DV,
-                                              BT, BK, BV, num_warps=4)
+                                              BT, BK, BV, **opts)
     return dq, dk, dv, dbeta, dh0

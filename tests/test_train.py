@@ -1,0 +1,133 @@
+"""train.py: presets, exact resume, data parallel equivalence, and one-line errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--seq_len=32", "--batch_size=4", "--n_chunks=2", "--rollout_len=3", "--margin=2", "--warmup_steps=1",
+        "--warmup_seq_len=32", "--warmup_batch_size=4", "--eval_examples=2", "--eval_lengths=64", "--eval_batches=1",
+        "--lr_warmup=0", "--n_needles=1"]
+
+
+def run(*args, env=None):
+    """train.py in a subprocess: (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return p.returncode, p.stdout, p.stderr
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return [(r["step"], r["ntp_loss"], r["nsp_loss"]) for r in rows if "step" in r]
+
+
+def test_every_preset_is_made_of_real_fields_and_builds_its_model():
+    for name, (about, overrides) in train.PRESETS.items():
+        cfg = train.TrainConfig(**overrides)  # a TypeError here would name an unknown key
+        assert about and set(overrides) <= set(vars(cfg))
+        if cfg.tokenizer != "checkpoint":
+            train.validate(cfg)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        assert model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy-lact", "toy-sft"])
+def test_toy_presets_dry_run(preset, tmp_path):
+    code, out, err = run("--preset", preset, f"--out_dir={tmp_path}", "--max_steps=2", *TINY)
+    assert code == 0, err
+    assert "step     2" in out and "validation: loss" in out
+    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "hf" / "config.json").exists()
+    rows = losses(tmp_path)
+    assert len(rows) == 2 and all(r[1] > 0 for r in rows)
+
+
+def test_resume_is_exact(tmp_path):
+    """2 steps + checkpoint + --resume to 4 steps == 4 straight steps (losses of every step, bit for bit).
+    A constant lr: a cosine schedule depends on max_steps, which differs between the two runs by design."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--preset", "toy", "--lr_schedule=constant", *TINY]
+    assert run(*args, f"--out_dir={a}", "--max_steps=4")[0] == 0
+    assert run(*args, f"--out_dir={b}", "--max_steps=2")[0] == 0
+    code, _, err = run(*args, f"--out_dir={b}", "--max_steps=4", "--resume")
+    assert code == 0, err
+    assert losses(a) == losses(b)
+    assert losses(a)[-1][2] != 0.0  # steps 2..4 were REFINE steps
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=False)["model"], torch.load(b / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo), each half of the batch, gives the parameters of 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--preset", "toy", "--max_steps=2", "--micro_batch_size=2", "--device=cpu", *TINY]
+    assert run(*args, f"--out_dir={one}")[0] == 0
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        str(ROOT / "train.py"), *args, f"--out_dir={two}"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    sa, sb = torch.load(one / "ckpt.pt", weights_only=False)["model"], torch.load(two / "ckpt.pt", weights_only=False)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-5, msg=k)  # only the summation order differs
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "gpt5"], "unknown preset 'gpt5'; choose one of toy"),
+    (["--preset", "toy", "--colour=red"], "unknown config key 'colour'; valid keys: out_dir"),
+    (["--preset", "toy", "--max_steps=ten"], "--max_steps='ten' is not a valid int"),
+    (["--preset", "toy", "--n_chunks=0"], "--n_chunks must be a positive integer"),
+    (["--preset", "toy", "--rollout_len=300"], "--rollout_len=300 does not fit"),
+    (["--preset", "toy", "--reward=bleu"], "choose one of cosine, binary, hybrid"),
+    (["--preset", "toy", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    code, out, err = run(*args, f"--out_dir={tmp_path / 'run'}")
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_short_data_file_and_bad_checkpoints(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, _, err = run("--preset", "toy", f"--data={short}", f"--out_dir={tmp_path / 'x'}", "--tokenizer=byte")
+    assert code == 2 and "Traceback" not in err and "need at least" in err, err
+
+    run_dir = tmp_path / "run"
+    assert run("--preset", "toy", f"--out_dir={run_dir}", "--max_steps=1", *TINY)[0] == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, _, err = run("--preset", "toy", f"--out_dir={run_dir}", "--max_steps=2", *TINY)  # no --resume
+    assert code == 2 and "--resume" in err
+    code, _, err = run("--preset", "toy-lact", f"--out_dir={run_dir}", "--max_steps=2", "--resume", *TINY)
+    assert code == 2 and "incompatible" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing overwritten
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run("--preset", "toy", f"--out_dir={bad}", "--resume", *TINY)
+    assert code == 2 and "corrupt" in err and "Traceback" not in err, err
+    assert (bad / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_non_finite_losses_skip_then_stop(tmp_path):
+    """A learning rate of 1e30 makes the weights overflow after step 1: three skipped steps, exit 3, and the
+    checkpoint of step 1 is left intact."""
+    code, out, err = run("--preset", "toy", f"--out_dir={tmp_path}", "--max_steps=6", "--ckpt_interval=1",
+                         *TINY, "--lr=1e30", "--lr_schedule=constant", "--warmup_steps=6", "--eval_examples=0")
+    assert code == 3, (out, err)
+    assert out.count("step skipped") == 3
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] >= 1
+
+
+def test_list_presets():
+    code, out, _ = run("--list_presets")
+    assert code == 0 and all(name in out for name in train.PRESETS)
