@@ -89,6 +89,7 @@ class TrainConfig:
     # test-time training (phase ttt)
     ttt_steps: int = 1
     ttt_reset: bool = True             # restore weights and optimiser after each example (False: official)
+    eval_data: str = ""                # post: the paired test split (a prompt/answer parquet; default: --data)
     # evaluation, logging, checkpoints
     eval_interval: int = 0             # validation every N steps (0: only at the end)
     eval_batches: int = 4
@@ -262,16 +263,20 @@ def rollout_generator(cfg, step, micro_index, device):
     return gen
 
 
-def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None):
+def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None):
     """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, gradients all-reduced, AdamW steps
     (one per PPO mini-batch). Losses are normalised by whole-batch counts, so the update does not depend on how
-    the batch is split into processes or micro-batches. -> stats dict, or None if a loss was not finite."""
+    the batch is split into processes or micro-batches. lengths [B]: real tokens of right-padded rows;
+    target_mask [B, T]: which next-token targets count (default: those of real tokens).
+    -> stats dict, or None if a loss was not finite."""
     device = batch.device
     B = batch.shape[0]
     micro = min(cfg.micro_batch_size or B * world, B)
     mini = min(cfg.ppo_mini_batch or B * world, B * world) // world
     x_all, y_all = batch[:, :-1], batch[:, 1:]
-    mask_all = None if lengths is None else torch.arange(x_all.shape[1], device=device) < (lengths[:, None] - 1)
+    mask_all = target_mask
+    if mask_all is None and lengths is not None:
+        mask_all = torch.arange(x_all.shape[1], device=device) < (lengths[:, None] - 1)
     stats = {"ntp_loss": 0.0, "nsp_loss": 0.0, "rewards": [], "zero_std": [], "clip_frac": 0.0, "grad_norm": 0.0}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     for m0 in range(0, B, mini):   # one optimiser update per PPO mini-batch
@@ -379,7 +384,7 @@ def main(argv=None):
         elif os.path.exists(ckpt_path):
             raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
         if cfg.phase in ("post", "ttt"):
-            from evaluate import run_phase  # the nested post-training loop and test-time training
+            from phases import run_phase  # the nested post-training loop and test-time training
             return run_phase(cfg, model, opt, tok, device)
         data = load_data(cfg, tok, cfg.seq_len)
         warm = load_data(cfg, tok, cfg.warmup_seq_len or cfg.seq_len) if cfg.warmup_steps else None

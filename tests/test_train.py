@@ -131,3 +131,27 @@ def test_non_finite_losses_skip_then_stop(tmp_path):
 def test_list_presets():
     code, out, _ = run("--list_presets")
     assert code == 0 and all(name in out for name in train.PRESETS)
+
+
+PAIRS = ["--seq_len=64", "--n_chunks=2", "--rollout_len=3", "--margin=2", "--eval_examples=3", "--n_needles=1"]
+
+
+def test_post_phase_nested_loop(tmp_path):
+    code, out, err = run("--preset", "toy", "--phase=post", "--max_steps=2", "--batch_size=2", *PAIRS,
+                         f"--out_dir={tmp_path}")
+    assert code == 0, err
+    assert out.count("| answer sft") == 2 and "test score after" in out
+    res = json.loads((tmp_path / "post.json").read_text())
+    assert set(res) == {"before", "after"} and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_ttt_phase_from_a_parquet(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "qa.parquet"
+    prompt = " ".join(["The cat sat on the mat."] * 12) + " Where did the cat sit? Answer:"
+    pq.write_table(pa.table({"prompt": [prompt, prompt], "answer": [["mat"], ["the mat"]]}), path)
+    code, out, err = run("--preset", "toy", "--phase=ttt", "--tokenizer=byte", f"--data={path}", "--reward=binary",
+                         "--lambda_rl=0.4", *PAIRS, f"--out_dir={tmp_path / 'run'}")
+    assert code == 0, err
+    res = json.loads((tmp_path / "run" / "ttt.json").read_text())
+    assert res["n"] == 2 and 0 <= res["base"] <= 1 and 0 <= res["adapted"] <= 1

@@ -1,0 +1,103 @@
+"""The two phases that work on prompt/answer pairs (refine.md section 4): post-training and test-time training.
+
+post: the nested loop. For each batch of pairs: one REFINE step on the PROMPTS (NTP + NSP), then one SFT step on
+      the reference answer given the prompt (cross-entropy on the answer tokens + EOS), same AdamW state. The score
+      on the paired test split (--eval_data, or synthetic held-out NIAH) is printed before and after.
+ttt:  for each test example: adapt on its prompt with REFINE, answer greedily, score, then restore the weights and
+      the optimiser (ttt_reset=True; False keeps the official cumulative behaviour). Scores with and without
+      adaptation are reported on the same examples.
+Pairs come from a RULER-QA style parquet (columns prompt, answer) or, with --data=synthetic, from the built-in NIAH
+generator (training pairs and test pairs drawn from disjoint seed streams).
+"""
+import json
+import os
+import random
+
+import torch
+
+import data as datalib
+from evaluate import decode, encode_prompt, generate_all, ttt_evaluate
+from metrics import ruler_qa_score
+
+
+def load_pairs(cfg, tok, path, split, n):
+    """-> list of dict(prompt_ids, answer_ids, answers) and the score function for them."""
+    if path == "synthetic":
+        rng = datalib.train_rng if split == "train" else datalib.eval_rng
+        pairs = []
+        for i in range(n):
+            ex = datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
+            pairs.append(dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"]))
+        return pairs, datalib.niah_score
+    rows = datalib.load_prompt_answer(path)
+    pairs = [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
+                  answer_ids=tok.encode(" " + r["answers"][0])) for r in rows[:n] if r["answers"]]
+    return pairs, ruler_qa_score
+
+
+def pad_batch(rows, pad_id, device):
+    """Right-pad token lists -> (ids [B, L], lengths [B])."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+
+
+def score(model, tok, pairs, score_fn, max_new_tokens=32):
+    outs = generate_all(model, [p["prompt_ids"] for p in pairs], max_new_tokens, tok.eos_id)
+    return sum(score_fn(decode(tok, o), p["answers"]) for o, p in zip(outs, pairs)) / len(pairs)
+
+
+def post_train(cfg, model, opt, tok, device):
+    from train import lr_at, train_step  # train.py imports this module lazily
+    train_pairs, _ = load_pairs(cfg, tok, cfg.data, "train", cfg.batch_size * cfg.max_steps)
+    test_pairs, score_fn = load_pairs(cfg, tok, cfg.eval_data or cfg.data, "test", cfg.eval_examples)
+    results = {"before": score(model, tok, test_pairs, score_fn)}
+    print(f"post-training: test score before {results['before']:.4f} on {len(test_pairs)} examples")
+    order = list(range(len(train_pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    model.train()
+    for step in range(cfg.max_steps):
+        batch = [train_pairs[order[(step * cfg.batch_size + i) % len(order)]] for i in range(cfg.batch_size)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ids, lengths = pad_batch([p["prompt_ids"] for p in batch], tok.pad_id, device)    # 1. REFINE on the prompt
+        refine = train_step(model, opt, ids, cfg, step, 0, 1, cfg.objective == "refine", lengths=lengths)
+        full = [p["prompt_ids"] + p["answer_ids"] + [tok.eos_id] for p in batch]          # 2. SFT on the answer
+        ids, lengths = pad_batch(full, tok.pad_id, device)
+        answer = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
+        for i, p in enumerate(batch):  # targets y[t] = ids[t + 1]: the answer and EOS follow the prompt
+            answer[i, len(p["prompt_ids"]) - 1:len(full[i]) - 1] = True
+        sft = train_step(model, opt, ids, cfg, step, 0, 1, False, target_mask=answer)
+        if refine is None or sft is None:
+            print(f"warning: step {step + 1}: non-finite loss; step skipped")
+            continue
+        rewards = torch.cat(refine["rewards"]) if refine["rewards"] else torch.zeros(1)
+        print(f"step {step + 1:5d} | prompt ntp {refine['ntp_loss']:.4f} nsp {refine['nsp_loss']:+.4f} "
+              f"reward {rewards.mean().item():.3f} | answer sft {sft['ntp_loss']:.4f}")
+    results["after"] = score(model, tok, test_pairs, score_fn)
+    print(f"post-training: test score after {results['after']:.4f}")
+    return results
+
+
+def test_time_train(cfg, model, opt, tok, device):
+    examples, score_fn = load_pairs(cfg, tok, cfg.data, "test", cfg.eval_examples)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    res = ttt_evaluate(model, opt, examples, cfg, cfg.ttt_steps, tok, 32, score_fn, reset=cfg.ttt_reset,
+                       generator=gen)
+    print(f"test-time training ({res['n']} examples, {cfg.ttt_steps} steps each, reset={cfg.ttt_reset}): "
+          f"score without adaptation {res['base']:.4f}, with REFINE adaptation {res['adapted']:.4f}")
+    return {"base": res["base"], "adapted": res["adapted"], "n": res["n"]}
+
+
+def run_phase(cfg, model, opt, tok, device):
+    """train.py's entry for --phase post / ttt: runs it, saves results (and the post-trained model)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results = post_train(cfg, model, opt, tok, device) if cfg.phase == "post" else \
+        test_time_train(cfg, model, opt, tok, device)
+    with open(os.path.join(cfg.out_dir, f"{cfg.phase}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if cfg.phase == "post":
+        model.save_pretrained(os.path.join(cfg.out_dir, "hf"), extra={"tokenizer": tok.name})
+    return 0
