@@ -6,7 +6,7 @@ Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, v
                   <|bos|>, <|eos|>, <|pad|>; vocab_size 504.
   get_tokenizer   "byte" | "word" | "gpt2" | "cl100k_base" | "o200k_base" (tiktoken: cached or downloadable).
   HFTokenizer     a local HuggingFace tokenizer.json.
-Synthetic grammar (the toy recipe of spec/toy-experiment.md; every word is written with a leading space):
+Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
   filler: 4 sentence templates over 44 filler words. K: 58 keys; V: `value_tokens` words out of 128 numbers.

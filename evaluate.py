@@ -1,5 +1,5 @@
-"""Evaluation (refine.md section 5): greedy generation, RULER needle-in-a-haystack, RULER multi-document QA,
-LongBench, next-token validation, and test-time training with REFINE (refine.md section 4, "test-time training").
+"""Evaluation (the REFINE paper's benchmarks): greedy generation, RULER needle-in-a-haystack, RULER multi-document QA,
+LongBench, next-token validation, and test-time training with REFINE (the paper's third phase).
 
 Callable alone (`python evaluate.py --help`) and from train.py. Every score is a fraction in [0, 1]; tables print
 percentages. Generation prefills a whole batch in ONE forward pass (right padding; the model is causal, so the
@@ -263,7 +263,7 @@ def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_toke
                  generator=None):
     """Test-time training: for each example (dict prompt_ids, answers) score the greedy answer, adapt on the prompt
     (ttt_adapt), score again. score_fn(prediction: str, answers) -> float. reset=True restores the parameters and
-    the optimizer state after every example (refine.md 7.1); reset=False keeps adapting (the official code).
+    the optimizer state after every example (the official code never resets); reset=False keeps adapting (the official code).
     -> dict(base, adapted: mean scores, n, per_example: [dict(base, adapted, base_prediction, adapted_prediction)])."""
     if not examples:
         raise ValueError("examples is empty; need at least one dict(prompt_ids, answers)")

@@ -60,7 +60,7 @@ class ShortConv(nn.Conv1d):
 
 
 class DeltaNetMixer(nn.Module):
-    """DeltaNet token mixer (Yang et al. 2024), fla's layout and names (deltanet.md "DeltaNet layer"):
+    """DeltaNet token mixer (Yang et al. 2024), fla's layout and names (fla's DeltaNet layer):
     q, k, v projections -> short conv + SiLU -> L2-normalised q, k; beta = sigmoid(b_proj x) -> delta rule
     -> per-head RMSNorm -> o_proj. State: S [B, H, dk, dv] fp32, the conv tails, pos [B]."""
 

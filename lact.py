@@ -191,7 +191,7 @@ class LaCTMixer(nn.Module):
     @torch.no_grad()
     def reset_parameters_like_reference(self, initializer_range):
         """The reference's _init_weights for this layer: Linear weights N(0, initializer_range) and zero biases,
-        qk_scale 1, qk_offset 0, ttt_norm 1, initial fast weights as in lact.md. Skipped on the meta device."""
+        qk_scale 1, qk_offset 0, ttt_norm 1, initial fast weights as in the LaCT reference. Skipped on the meta device."""
         if self.w1.is_meta:
             return
         for lin in [m for m in self.modules() if isinstance(m, nn.Linear)]:

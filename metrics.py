@@ -1,4 +1,4 @@
-"""Answer-scoring metrics for the paper's evaluations: RULER multi-document QA and LongBench (refine.md section 5).
+"""Answer-scoring metrics for the paper's evaluations: RULER multi-document QA and LongBench (REFINE paper, evaluation section).
 
 Pure string functions, no model code. Every scorer follows its reference implementation rule for rule,
 including the quirks that change scores (each one is named where it is reproduced):
@@ -30,7 +30,7 @@ TREC_CLASSES = (
 )
 
 # Official LongBench dataset2maxlen (the 14 English tasks the REFINE data ships). The REFINE scripts instead cap
-# every task at 32 new tokens (refine.md section 7, item 9); the parquet's max_gen_tokens column equals this table.
+# every task at 32 new tokens (the official REFINE scripts); the parquet's max_gen_tokens column equals this table.
 LONGBENCH_MAX_NEW_TOKENS = {
     "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32,
     "gov_report": 512, "qmsum": 512, "multi_news": 512, "trec": 64, "triviaqa": 32, "samsum": 128,

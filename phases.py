@@ -1,4 +1,4 @@
-"""The two phases that work on prompt/answer pairs (refine.md section 4): post-training and test-time training.
+"""The two phases that work on prompt/answer pairs (the paper's post-training and test-time training): post-training and test-time training.
 
 post: the nested loop. For each batch of pairs: one REFINE step on the PROMPTS (NTP + NSP), then one SFT step on
       the reference answer given the prompt (cross-entropy on the answer tokens + EOS), same AdamW state. The score

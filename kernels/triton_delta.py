@@ -1,6 +1,6 @@
 """The chunked delta rule (WY/UT form) in Triton: forward kernels, the autograd.Function, the public entry point.
 
-Per batch b, head h and chunk n of C rows (Q, K [C, DK], V [C, DV], beta [C]), /work/shared/spec/deltanet.md:
+Per batch b, head h and chunk n of C rows (Q, K [C, DK], V [C, DV], beta [C]), as in kernels/chunked.py:
   step 1  A    = tril(diag(beta) K K^T, -1)                     chunk_scaled_dot_kkt
   step 2  T    = (I + A)^-1   (forward substitution)            solve_unit_lower_triangular
   step 3  W    = T diag(beta) K,  U = T diag(beta) V            compute_w_u

@@ -102,7 +102,7 @@ def test_parameter_counts_of_the_reference_presets():
 
 
 def lact_reference_keys():
-    """The 507 state-dict keys of LaCT-760M (lact.md) with their shapes."""
+    """The 507 state-dict keys of LaCT-760M (the LaCT reference checkpoint) with their shapes."""
     keys = {"model.embeddings.weight": (32000, 1536), "model.norm.weight": (1536,), "lm_head.weight": (32000, 1536)}
     per_layer = {"attn_norm.weight": (1536,), "attn.qkv.weight": (4608, 1536), "attn.o_proj.weight": (1536, 1536),
                  "attn.w1": (4, 384, 384), "attn.w0.w_left": (4, 384, 32), "attn.w0.w_right": (4, 32, 384),
