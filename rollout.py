@@ -34,7 +34,7 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, gen
     """logits [N, V] -> (tokens [N], log-probs [N] under softmax(logits / temperature)). `suppress`: a token id
     that may not be drawn (EOS, so every rollout has exactly k tokens)."""
     logits = logits.float()
-    if suppress is not None:
+    if suppress is not None and suppress >= 0:
         logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
     logp = F.log_softmax(logits / temperature, dim=-1)                              # [N, V]
     masked = logp.clone()

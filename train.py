@@ -89,7 +89,7 @@ class TrainConfig:
     # test-time training (phase ttt)
     ttt_steps: int = 1
     ttt_reset: bool = True             # restore weights and optimiser after each example (False: official)
-    eval_data: str = ""                # post: the paired test split (a prompt/answer parquet; default: --data)
+    eval_data: str = ""                # held-out data: validation text (mid), the paired test split (post)
     # evaluation, logging, checkpoints
     eval_interval: int = 0             # validation every N steps (0: only at the end)
     eval_batches: int = 4
@@ -388,7 +388,9 @@ def main(argv=None):
             return run_phase(cfg, model, opt, tok, device)
         data = load_data(cfg, tok, cfg.seq_len)
         warm = load_data(cfg, tok, cfg.warmup_seq_len or cfg.seq_len) if cfg.warmup_steps else None
-        val = load_data(dataclasses.replace(cfg, seed=cfg.seed + 1), tok, cfg.seq_len)
+        # validation: other synthetic documents, or --eval_data (for files without it: the training files reshuffled)
+        held_out = dataclasses.replace(cfg, seed=cfg.seed + 1, data=cfg.eval_data or cfg.data)
+        val = load_data(held_out, tok, cfg.seq_len)
         if data_state:
             data.load_state_dict(data_state["data"])
             if warm:
