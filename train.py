@@ -412,6 +412,9 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
                        "versions": versions(), "device": str(device)}, f, indent=1)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    if master:  # every run (and every resume) starts its log with the exact config, versions and device
+        log.write(json.dumps({"config": dataclasses.asdict(cfg), "versions": versions(), "device": str(device),
+                              "start_step": start}) + "\n")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     bad, t0 = 0, time.time()
     model.train()
