@@ -48,6 +48,10 @@ class TrainConfig:
     batch_size: int = 16               # sequences per batch, all processes together
     micro_batch_size: int = 0          # sequences per forward/backward (0: the whole batch)
     n_needles: int = 4                 # synthetic data: at most this many key-value facts per document
+    min_needles: int = 1               # synthetic data: at least this many (both capped to what fits in seq_len)
+    value_tokens: int = 1              # synthetic data: words per needle value
+    doc_styles: str = "S"              # synthetic data: query styles of training documents, comma-separated S,MQ,MV
+    answer_weight: float = 1.0         # synthetic data: NTP weight of answer values after a query's "?" (1: plain)
     # phases and objective
     phase: str = "mid"                 # pretrain | mid | post | ttt
     objective: str = "refine"          # refine | sft (next-token prediction only: the baseline)
@@ -84,6 +88,7 @@ class TrainConfig:
     loss_agg: str = "token-mean"
     kl_coef: float = 0.0
     ppo_mini_batch: int = 0            # sequences per optimiser update within a batch (0: the whole batch)
+    ppo_epochs: int = 1                # passes over the batch's rollouts
     rollout_mode: str = "snapshot"     # snapshot (one forward) | reforward (the official per-prefix re-runs)
     eos_id: int = -1                   # set from the tokenizer
     # test-time training (phase ttt)
@@ -169,7 +174,7 @@ def validate(cfg):
             raise ValueError(f"--{key}={getattr(cfg, key)!r} is not valid; choose one of {', '.join(options)}")
     if not cfg.init_from and cfg.model not in MODEL_PRESETS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    for key in ("n_chunks", "rollout_len", "n_rollouts", "seq_len", "batch_size", "max_steps"):
+    for key in ("n_chunks", "rollout_len", "n_rollouts", "seq_len", "batch_size", "max_steps", "ppo_epochs"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.rollout_len + 1 > cfg.seq_len // cfg.n_chunks:
@@ -232,8 +237,29 @@ def load_model(cfg, device):
 
 def load_data(cfg, tok, seq_len):
     if cfg.data == "synthetic":
-        return datalib.SyntheticData(tok, seq_len, cfg.seed, n_needles=(1, cfg.n_needles))
+        styles = tuple(cfg.doc_styles.split(","))
+        if not set(styles) <= {"S", "MQ", "MV"} or cfg.value_tokens < 1 or not 1 <= cfg.min_needles <= cfg.n_needles:
+            raise ValueError(f"--doc_styles={cfg.doc_styles!r}, --value_tokens={cfg.value_tokens}, --min_needles="
+                             f"{cfg.min_needles}: need styles from S,MQ,MV, value_tokens >= 1, 1 <= min <= n_needles")
+        fit = max(1, seq_len // (14 + 2 * cfg.value_tokens))   # a needle + its query take 14 + 2 * value_tokens
+        needles = (min(cfg.min_needles, fit), min(cfg.n_needles, fit))
+        return datalib.SyntheticData(tok, seq_len, cfg.seed, needles, cfg.value_tokens, styles)
+    if cfg.answer_weight != 1.0:
+        raise ValueError("--answer_weight needs --data=synthetic (it up-weights the synthetic answers)")
     return datalib.TextData(cfg.data, tok, seq_len, cfg.seed)
+
+
+def answer_mask(x, y, tokenizer):
+    """bool [B, T]: the targets y [B, T] that are synthetic needle values following a query's "?" in x [B, T]."""
+    if tokenizer not in _ANSWER_IDS:
+        tok = datalib.get_tokenizer(tokenizer)
+        _ANSWER_IDS[tokenizer] = (torch.tensor([tok.encode(" " + v)[-1] for v in datalib.VALUES]),
+                                  tok.encode(" ?")[-1])
+    values, qmark = _ANSWER_IDS[tokenizer]
+    return torch.isin(y, values.to(y.device)) & ((x == qmark).cumsum(1) > 0)
+
+
+_ANSWER_IDS = {}   # tokenizer name -> (value word ids, id of " ?")
 
 
 def make_optimizer(model, cfg):
@@ -264,13 +290,16 @@ def rollout_generator(cfg, step, micro_index, device):
 
 
 def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None):
-    """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, gradients all-reduced, AdamW steps
-    (one per PPO mini-batch). Losses are normalised by whole-batch counts, so the update does not depend on how
+    """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, gradients all-reduced, one AdamW step
+    per PPO mini-batch and epoch. Losses are normalised by whole-batch counts, so the update does not depend on how
     the batch is split into processes or micro-batches. lengths [B]: real tokens of right-padded rows;
     target_mask [B, T]: which next-token targets count (default: those of real tokens).
+    With one mini-batch and one epoch (the toy presets) the rollout forward IS the training forward: one pass gives
+    the NTP loss, the entropies, h_gt and the differentiable snapshots. Otherwise (the paper's presets: batch 128,
+    mini-batches of 32) the whole batch is sampled first without grad, as in PPO, and each mini-batch update
+    re-forwards its sequences once, taking the snapshots at the already chosen positions.
     -> stats dict, or None if a loss was not finite."""
-    device = batch.device
-    B = batch.shape[0]
+    device, B = batch.device, batch.shape[0]
     micro = min(cfg.micro_batch_size or B * world, B)
     mini = min(cfg.ppo_mini_batch or B * world, B * world) // world
     x_all, y_all = batch[:, :-1], batch[:, 1:]
@@ -279,49 +308,67 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
         mask_all = torch.arange(x_all.shape[1], device=device) < (lengths[:, None] - 1)
     stats = {"ntp_loss": 0.0, "nsp_loss": 0.0, "rewards": [], "zero_std": [], "clip_frac": 0.0, "grad_norm": 0.0}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    for m0 in range(0, B, mini):   # one optimiser update per PPO mini-batch
-        xs, ys = x_all[m0:m0 + mini], y_all[m0:m0 + mini]
-        n_tok = (ys.numel() if mask_all is None else int(mask_all[m0:m0 + mini].sum())) * world
-        n_nsp = default_normaliser(torch.ones(mini * world * cfg.n_chunks * cfg.n_rollouts, cfg.rollout_len),
-                                   cfg.loss_agg)
-        for j in range(0, xs.shape[0], micro):
-            x, y = xs[j:j + micro], ys[j:j + micro]
-            msk = None if mask_all is None else mask_all[m0 + j:m0 + j + micro]
-            with autocast:
-                if not use_refine:
-                    out = model(x)
-                    loss = ntp_loss(out.logits, y, msk, n_tok)
-                    part = {"ntp_loss": loss.item(), "nsp_loss": 0.0}
-                else:
-                    gen = rollout_generator(cfg, step, (rank * B + m0 + j) // micro, device)
-                    lens = None if lengths is None else lengths[m0 + j:m0 + j + micro] - 1
-                    out, ro = collect_rollouts(model, x, cfg, gen, lens, cfg.rollout_mode)
-                    n = ro.n
-                    rewards = compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(n, 0), ro.tokens,
-                                             ro.gt_tokens.repeat_interleave(n, 0))
-                    adv = rollout_advantages(rewards, cfg.n_chunks, n, cfg.group_by, cfg.adv_scale)
-                    loss, part = refine_loss(model, x, y, out, ro, adv, cfg, msk, n_tok, n_nsp, cfg.rollout_mode)
-                    stats["rewards"].append(rewards)
-                    size = cfg.n_chunks * n if cfg.group_by == "sequence" else n
-                    stats["zero_std"].append(zero_std_fraction(rewards.view(-1, size)))
-                    stats["clip_frac"] += (part["clip_frac_high"] + part["clip_frac_low"]) * x.shape[0] / B
-            if not torch.isfinite(loss):
+    epochs = cfg.ppo_epochs if use_refine else 1
+    fused = mini == B and epochs == 1
+
+    def sample(j):  # steps 1-3 for the micro-batch at row j: (LMOutput, rollouts, advantages)
+        gen = rollout_generator(cfg, step, (rank * B + j) // micro, device)
+        lens = None if lengths is None else lengths[j:j + micro] - 1
+        out, ro = collect_rollouts(model, x_all[j:j + micro], cfg, gen, lens, cfg.rollout_mode)
+        n = ro.n
+        rewards = compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(n, 0), ro.tokens,
+                                 ro.gt_tokens.repeat_interleave(n, 0))
+        stats["rewards"].append(rewards)
+        stats["zero_std"].append(zero_std_fraction(rewards.view(-1, cfg.n_chunks * n if cfg.group_by == "sequence"
+                                                                else n)))
+        return out, ro, rollout_advantages(rewards, cfg.n_chunks, n, cfg.group_by, cfg.adv_scale)
+
+    sampled = {}
+    if use_refine and not fused:  # PPO: the whole batch is sampled by the policy before any update
+        with torch.no_grad(), autocast:
+            sampled = {j: sample(j)[1:] for j in range(0, B, micro)}
+    for _ in range(epochs):
+        for m0 in range(0, B, mini):
+            n_tok = (y_all[m0:m0 + mini].numel() if mask_all is None else int(mask_all[m0:m0 + mini].sum())) * world
+            n_nsp = default_normaliser(torch.ones(mini * world * cfg.n_chunks * cfg.n_rollouts, cfg.rollout_len),
+                                       cfg.loss_agg)
+            for j in range(m0, m0 + mini, micro):
+                x, y = x_all[j:j + micro], y_all[j:j + micro]
+                msk = None if mask_all is None else mask_all[j:j + micro]
+                with autocast:
+                    if not use_refine:
+                        out = model(x)
+                        loss = ntp_loss(out.logits, y, msk, n_tok)
+                        part = {"ntp_loss": loss.item(), "nsp_loss": 0.0}
+                    else:
+                        if fused:
+                            out, ro, adv = sample(j)
+                        else:
+                            ro, adv = sampled[j]
+                            out = model(x, snapshot_at=ro.positions if cfg.rollout_mode == "snapshot" else None)
+                        loss, part = refine_loss(model, x, y, out, ro, adv, cfg, msk, n_tok, n_nsp, cfg.rollout_mode)
+                        stats["clip_frac"] += (part["clip_frac_high"] + part["clip_frac_low"]) * micro / B / epochs
+                    if cfg.answer_weight != 1.0:  # answer values weigh answer_weight: add (w - 1) x their NTP share
+                        ans = answer_mask(x, y, cfg.tokenizer) & (True if msk is None else msk)
+                        loss = loss + (cfg.lambda_sft if use_refine else 1.0) * (cfg.answer_weight - 1.0) * \
+                            ntp_loss(out.logits, y, ans, n_tok)
+                if not torch.isfinite(loss) and world == 1:  # with several processes the all-reduced
+                    opt.zero_grad(set_to_none=True)           # gradient norm below decides, the same on all
+                    return None
+                loss.backward()
+                stats["ntp_loss"] += part["ntp_loss"] * mini / B / epochs  # this process's share of the mean
+                stats["nsp_loss"] += part["nsp_loss"] * mini / B / epochs
+            if world > 1:  # data parallel: sum the gradients (each process's loss is already a share of the batch)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(norm):
                 opt.zero_grad(set_to_none=True)
                 return None
-            loss.backward()
-            stats["ntp_loss"] += part["ntp_loss"] * mini / B   # this process's share of the batch mean
-            stats["nsp_loss"] += part["nsp_loss"] * mini / B
-        if world > 1:  # data parallel: sum the gradients (each process's loss is already a share of the batch)
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(norm):
+            opt.step()
             opt.zero_grad(set_to_none=True)
-            return None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stats["grad_norm"] = norm.item()
+            stats["grad_norm"] = norm.item()
     if world > 1:  # the logged losses: the shares of all processes add up to the batch mean
         shares = torch.tensor([stats["ntp_loss"], stats["nsp_loss"]], device=device)
         dist.all_reduce(shares)
@@ -468,6 +515,7 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
         final_evaluation(model, tok, val, cfg, log)
         log.close()
     if world > 1:
+        dist.barrier()  # rank 0 may still be saving and evaluating
         dist.destroy_process_group()
     return 0
 

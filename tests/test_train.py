@@ -1,6 +1,7 @@
 """train.py: presets, exact resume, data parallel equivalence, and one-line errors on bad input."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,10 @@ def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["--preset", "toy", "--max_steps=2", "--micro_batch_size=2", "--device=cpu", *TINY]
     assert run(*args, f"--out_dir={one}")[0] == 0
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                         str(ROOT / "train.py"), *args, f"--out_dir={two}"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -155,3 +159,22 @@ def test_ttt_phase_from_a_parquet(tmp_path):
     assert code == 0, err
     res = json.loads((tmp_path / "run" / "ttt.json").read_text())
     assert res["n"] == 2 and 0 <= res["base"] <= 1 and 0 <= res["adapted"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["snapshot", "reforward"])
+def test_ppo_layout_matches_fused_step(mode):
+    """Sampling the whole batch first and re-forwarding per update (the paper's PPO layout) gives the same rollouts,
+    rewards and losses as the fused one-forward step when the weights do not move (lr 0)."""
+    from model import build_model
+    cfg = train.TrainConfig(**{**train.PRESETS["toy"][1], "seq_len": 48, "batch_size": 4, "micro_batch_size": 2,
+                               "n_chunks": 2, "rollout_len": 3, "margin": 2, "lr": 0.0, "rollout_mode": mode})
+    torch.manual_seed(0)
+    model = build_model("toy-deltanet")
+    opt = train.make_optimizer(model, cfg)
+    batch = torch.randint(0, 256, (4, 49), generator=torch.Generator().manual_seed(0))
+    fused = train.train_step(model, opt, batch, cfg, 0, 0, 1, True)
+    ppo = train.train_step(model, opt, batch, train.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
+                                                                   "ppo_epochs": 2}), 0, 0, 1, True)
+    assert torch.equal(torch.cat(fused["rewards"]), torch.cat(ppo["rewards"]))
+    assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)
+    assert ppo["nsp_loss"] == pytest.approx(fused["nsp_loss"], rel=1e-4, abs=1e-7)
