@@ -376,9 +376,9 @@ class LaCTMixer(nn.Module):
             gate = sel(new["buf_gate"]) if self.use_momentum else None
             w_sub, m_sub = self._update(tuple(map(sel, w)), tuple(map(sel, m)) if m else None, sel(new["buf_k"]),
                                         sel(new["buf_v"]), sel(new["buf_lr"]), gate, self.initial_weights())
-            w = tuple(wi.index_put((idx,), ws) for wi, ws in zip(w, w_sub))
+            w = tuple(wi.index_put((idx,), ws.to(wi.dtype)) for wi, ws in zip(w, w_sub))
             if m is not None:
-                m = tuple(mi.index_put((idx,), ms) for mi, ms in zip(m, m_sub))
+                m = tuple(mi.index_put((idx,), ms.to(mi.dtype)) for mi, ms in zip(m, m_sub))
             for name in bufs:                                          # an emptied buffer holds zeros
                 new[name] = torch.where(full[:, None, None, None], 0, new[name])
         new.update(w0=w[0], w1=w[1], w2=w[2])

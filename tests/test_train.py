@@ -178,3 +178,10 @@ def test_ppo_layout_matches_fused_step(mode):
     assert torch.equal(torch.cat(fused["rewards"]), torch.cat(ppo["rewards"]))
     assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)
     assert ppo["nsp_loss"] == pytest.approx(fused["nsp_loss"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy-lact"])
+def test_bf16_autocast_dry_run(preset, tmp_path):
+    code, out, err = run("--preset", preset, "--dtype=bfloat16", f"--out_dir={tmp_path}", "--max_steps=3", *TINY)
+    assert code == 0, err
+    assert all(r[1] > 0 and r[1] == r[1] for r in losses(tmp_path))
