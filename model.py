@@ -31,7 +31,7 @@ class ModelConfig:
     eos_token_id: int = 2
     pad_token_id: int = 2
     gradient_checkpointing: bool = False   # recompute each block in the backward (saves memory at 16K context)
-    # DeltaNet (deltanet.md)
+    # DeltaNet (fla's DeltaNetConfig names)
     num_heads: int = 16
     expand_k: float = 1.0
     expand_v: float = 1.0
@@ -44,7 +44,7 @@ class ModelConfig:
     qk_norm: str = "l2"
     chunk_size: int = 64                   # delta-rule chunk
     delta_backend: str = "auto"            # kernels.BACKENDS
-    # LaCT (lact.md)
+    # LaCT (the lact_swiglu config names)
     num_attn_heads: int = 24
     num_lact_heads: int = 4
     inter_multi: float = 1.0
@@ -75,7 +75,7 @@ class ModelConfig:
 
 
 MODEL_PRESETS = {
-    # tiny models that learn associative recall on a laptop CPU in minutes (toy-experiment.md)
+    # tiny models that learn associative recall on a laptop CPU in minutes
     "toy-deltanet": ModelConfig(arch="deltanet", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_heads=2,
                                 bos_token_id=256, eos_token_id=257, pad_token_id=258),
     "toy-lact": ModelConfig(arch="lact", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attn_heads=2,

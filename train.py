@@ -67,7 +67,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
-    # REFINE (refine.md section 3; defaults are the paper's)
+    # REFINE (paper section 3; defaults are the paper's)
     n_chunks: int = 8                  # c: positions per sequence
     rollout_len: int = 5               # k: tokens per rollout
     n_rollouts: int = 1                # n: rollouts per position
@@ -112,8 +112,9 @@ PHASES = {"mid": dict(phase="mid", reward="cosine", lambda_rl=0.2, batch_size=12
           "post": dict(phase="post", reward="hybrid", lambda_rl=0.2, batch_size=64, ppo_mini_batch=16),
           "ttt": dict(phase="ttt", reward="binary", lambda_rl=0.4, batch_size=8, ppo_mini_batch=4)}
 TOY = dict(model="toy-deltanet", data="synthetic", tokenizer="word", device="auto", seq_len=256, batch_size=16,
-           warmup_steps=500, warmup_seq_len=64, warmup_batch_size=64, max_steps=600, lr=3e-3, lr_warmup=50,
-           lr_schedule="cosine", beta2=0.98, weight_decay=0.1, margin=8, eval_lengths="256,512", eval_examples=50)
+           warmup_steps=800, warmup_seq_len=64, warmup_batch_size=64, max_steps=1000, lr=3e-3, lr_warmup=50,
+           lr_schedule="cosine", beta2=0.98, weight_decay=0.1, margin=8, eval_lengths="256,512", eval_examples=50,
+           value_tokens=2, doc_styles="S,MQ,MV", answer_weight=11.0)   # recall appears after ~600 steps
 PRESETS = {
     "toy": ("tiny DeltaNet, built-in data, CPU: NTP warm-up, then REFINE mid-training, then NIAH", dict(TOY)),
     "toy-lact": ("the same with a tiny LaCT", dict(TOY, model="toy-lact", out_dir="out/toy-lact")),
