@@ -90,7 +90,7 @@ def test_two_processes_equal_one(tmp_path):
     (["--preset", "toy", "--n_chunks=0"], "--n_chunks must be a positive integer"),
     (["--preset", "toy", "--rollout_len=300"], "--rollout_len=300 does not fit"),
     (["--preset", "toy", "--reward=bleu"], "choose one of cosine, binary, hybrid"),
-    (["--preset", "toy", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
+    (["--preset", "toy", "--answer_weight=1", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     code, out, err = run(*args, f"--out_dir={tmp_path / 'run'}")
@@ -102,7 +102,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
 def test_short_data_file_and_bad_checkpoints(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code, _, err = run("--preset", "toy", f"--data={short}", f"--out_dir={tmp_path / 'x'}", "--tokenizer=byte")
+    code, _, err = run("--preset", "toy", f"--data={short}", f"--out_dir={tmp_path / 'x'}", "--tokenizer=byte",
+                       "--answer_weight=1")
     assert code == 2 and "Traceback" not in err and "need at least" in err, err
 
     run_dir = tmp_path / "run"
