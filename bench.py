@@ -117,7 +117,6 @@ def bench_decode():
 
 
 def bench_refine():
-    from grpo import ntp_loss
     from train import TrainConfig, train_step, make_optimizer
     from model import build_model
     torch.manual_seed(0)

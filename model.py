@@ -5,7 +5,7 @@ lact_swiglu): model.embeddings, model.layers.{i}.{attn_norm, attn, mlp_norm, mlp
 Checkpoint I/O in the reference (Hugging Face) layout lives in checkpoint.py.
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import evaluate
 import train
@@ -216,7 +217,7 @@ def ttt_task(hf_dir, lambda_rl, n, steps, lr, length):
     t0 = time.time()
     model = load_pretrained(str(hf_dir))
     tok = data.get_tokenizer("word")
-    cfg = train.TrainConfig(reward="binary", lambda_rl=lambda_rl, lambda_sft=1.0, n_chunks=8, rollout_len=5,
+    cfg = config.TrainConfig(reward="binary", lambda_rl=lambda_rl, lambda_sft=1.0, n_chunks=8, rollout_len=5,
                             n_rollouts=1, margin=8, lr=lr, eos_id=tok.eos_id)
     opt = train.make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(TTT_SEED)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train
 from model import build_model
 
@@ -31,11 +32,11 @@ def losses(out_dir):
 
 
 def test_every_preset_is_made_of_real_fields_and_builds_its_model():
-    for name, (about, overrides) in train.PRESETS.items():
-        cfg = train.TrainConfig(**overrides)  # a TypeError here would name an unknown key
+    for name, (about, overrides) in config.PRESETS.items():
+        cfg = config.TrainConfig(**overrides)  # a TypeError here would name an unknown key
         assert about and set(overrides) <= set(vars(cfg))
         if cfg.tokenizer != "checkpoint":
-            train.validate(cfg)
+            config.validate(cfg)
         with torch.device("meta"):
             model = build_model(cfg.model)
         assert model.num_parameters() > 0
@@ -135,7 +136,7 @@ def test_non_finite_losses_skip_then_stop(tmp_path):
 
 def test_list_presets():
     code, out, _ = run("--list_presets")
-    assert code == 0 and all(name in out for name in train.PRESETS)
+    assert code == 0 and all(name in out for name in config.PRESETS)
 
 
 PAIRS = ["--seq_len=64", "--n_chunks=2", "--rollout_len=3", "--margin=2", "--eval_examples=3", "--n_needles=1"]
@@ -167,14 +168,14 @@ def test_ppo_layout_matches_fused_step(mode):
     """Sampling the whole batch first and re-forwarding per update (the paper's PPO layout) gives the same rollouts,
     rewards and losses as the fused one-forward step when the weights do not move (lr 0)."""
     from model import build_model
-    cfg = train.TrainConfig(**{**train.PRESETS["toy"][1], "seq_len": 48, "batch_size": 4, "micro_batch_size": 2,
+    cfg = config.TrainConfig(**{**config.PRESETS["toy"][1], "seq_len": 48, "batch_size": 4, "micro_batch_size": 2,
                                "n_chunks": 2, "rollout_len": 3, "margin": 2, "lr": 0.0, "rollout_mode": mode})
     torch.manual_seed(0)
     model = build_model("toy-deltanet")
     opt = train.make_optimizer(model, cfg)
     batch = torch.randint(0, 256, (4, 49), generator=torch.Generator().manual_seed(0))
     fused = train.train_step(model, opt, batch, cfg, 0, 0, 1, True)
-    ppo = train.train_step(model, opt, batch, train.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
+    ppo = train.train_step(model, opt, batch, config.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
                                                                    "ppo_epochs": 2}), 0, 0, 1, True)
     assert torch.equal(torch.cat(fused["rewards"]), torch.cat(ppo["rewards"]))
     assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)
