@@ -485,7 +485,21 @@ def main(argv=None):
     (results_dir / "results.md").write_text(markdown(res))
     print(plot(res, results_dir / "curves.png"))
     print(f"wrote {results_dir / 'results.md'}, results.json ({res['wall_s']['total']:.0f}s in all)")
+    if results_dir.resolve() == (ROOT / "results").resolve():
+        update_readme(ROOT / "README.md", markdown(res))
     return 0
+
+
+def update_readme(path, results_md, start="<!-- toy-results:start -->", end="<!-- toy-results:end -->"):
+    """Put results.md (title dropped, headings demoted, figure path from the repo root) between the markers."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        return
+    body = results_md.split("\n", 1)[1].strip().replace("](curves.png)", "](results/curves.png)")
+    body = "\n".join("##" + line if line.startswith("## ") else line for line in body.split("\n"))
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+    print(f"updated the toy results in {path}")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,11 @@ def test_quick_run_writes_results_and_reuses_the_base(tmp_path):
     assert reproduce.main(args) == 0
     again = json.loads((tmp_path / "results" / "results.json").read_text())
     assert again["base"]["reused"] and again["runs"]["sft-s0"]["niah"] == res["runs"]["sft-s0"]["niah"]
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- toy-results:start -->\nold\n<!-- toy-results:end -->\noutro\n")
+    reproduce.update_readme(readme, "# Title\n\n## 1. Base\n\n![curves](curves.png)\n")
+    assert readme.read_text() == ("intro\n<!-- toy-results:start -->\n#### 1. Base\n\n![curves](results/curves.png)\n"
+                                  "<!-- toy-results:end -->\noutro\n")
