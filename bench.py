@@ -117,7 +117,8 @@ def bench_decode():
 
 
 def bench_refine():
-    from train import TrainConfig, train_step, make_optimizer
+    from config import TrainConfig
+    from train import make_optimizer, train_step
     from model import build_model
     torch.manual_seed(0)
     cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
