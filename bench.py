@@ -3,17 +3,29 @@
     python bench.py kernel    # delta rule: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
     python bench.py decode    # per-token decoding cost vs context length; LaCT recompute vs incremental
     python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts)
-    python bench.py all
+    python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
+    python bench.py gpu       # one CUDA GPU, under 8 minutes on an H100-class card:
+                              #   1. the CUDA bf16 kernel tests (pytest tests/test_triton_kernel.py)
+                              #   2. kernel timings, B=4 T=8192 H=16 K=V=128 bf16: forward and forward+backward,
+                              #      torch vs Triton (vs fla's chunk_delta_rule when importable), with snapshots
+                              #   3. a DeltaNet-1.3B-shaped NTP step and REFINE step (c=8, k=5, n=1) at 16K tokens,
+                              #      gradient checkpointing, bf16 autocast: tokens/s and peak GPU memory
+                              #   exits 2 with a one-line message where no CUDA device is present
+    python bench.py kernel refine   # several at once; -h / --help prints this text
 """
+import os
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from kernels import delta_rule
+from kernels import delta_rule, resolve_backend
 
 
 def timeit(fn, repeat=5, warmup=1):
@@ -63,24 +75,52 @@ def bench_kernel():
         report("cuda", "not available: Triton timings skipped")
         return
     report("cuda_device", torch.cuda.get_device_name())
-    inputs = delta_inputs(4, 8192, 16, 128, 128, torch.bfloat16, "cuda")
-    paths = {"triton": lambda *a: delta_rule(*a, backend="triton"), "torch": lambda *a: delta_rule(*a, backend="torch")}
+    kernel_timings(4, 8192, 16, 128, 128, torch.bfloat16, "cuda", repeat=10)
+
+
+def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), repeat=5, n_snapshots=8):
+    """Median forward and forward+backward times (ms) of the delta rule per backend, fla's chunk_delta_rule beside
+    them when it imports, and forward+backward with n_snapshots snapshots per sequence (the REFINE case: the loss
+    reaches the states after chosen positions as well as the output)."""
+    inputs = delta_inputs(B, T, H, K, V, dtype, device)
+    shape = f"B={B} T={T} H={H} K={K} V={V} {str(dtype).removeprefix('torch.')}"
+    paths = {}
+    for name in backends:
+        try:
+            resolve_backend(name, inputs[0])
+            paths[name] = (lambda name: lambda *a: delta_rule(*a, backend=name))(name)
+        except ValueError as err:
+            report(name, f"cannot run here, skipped: {err}")
     try:
         from fla.ops.delta_rule import chunk_delta_rule  # optional, never a dependency
         paths["fla"] = lambda q, k, v, b: chunk_delta_rule(q, k, v, b)
     except ImportError:
         report("fla", "not installed: fla comparison skipped")
+    positions = torch.linspace(0, T - 1, n_snapshots, device=device).long().expand(B, -1)  # [B, P]
+
+    def with_snapshots(name):  # loss = sum(o) + sum(states after the positions)
+        def run():
+            o, _, snaps = delta_rule(*inputs, backend=name, snapshot_at=positions)
+            (o.float().sum() + snaps.sum()).backward()
+        return run
+
     times = {}
     for name, fn in paths.items():
         with torch.no_grad():
-            times[name, "fwd"] = timeit(lambda: fn(*inputs), repeat=10)
-        times[name, "fwd_bwd"] = timeit(fwd_bwd(fn, inputs), repeat=10)
-        report(f"cuda_{name}_fwd_ms (B=4 T=8192 H=16 K=V=128 bf16)", times[name, "fwd"])
-        report(f"cuda_{name}_fwd_bwd_ms", times[name, "fwd_bwd"])
-    report("torch_over_triton_fwd_bwd", times["torch", "fwd_bwd"] / times["triton", "fwd_bwd"])
-    if "fla" in paths:
+            times[name, "fwd"] = timeit(lambda: fn(*inputs), repeat=repeat)
+        times[name, "fwd_bwd"] = timeit(fwd_bwd(fn, inputs), repeat=repeat)
+        report(f"{device}_{name}_fwd_ms ({shape})", times[name, "fwd"])
+        report(f"{device}_{name}_fwd_bwd_ms", times[name, "fwd_bwd"])
+        if name != "fla":
+            times[name, "snap"] = timeit(with_snapshots(name), repeat=repeat)
+            report(f"{device}_{name}_fwd_bwd_with_{n_snapshots}_snapshots_ms", times[name, "snap"])
+    if "torch" in paths and "triton" in paths:
+        report("torch_over_triton_fwd_bwd", times["torch", "fwd_bwd"] / times["triton", "fwd_bwd"])
+        report("torch_over_triton_fwd_bwd_with_snapshots", times["torch", "snap"] / times["triton", "snap"])
+    if "fla" in paths and "triton" in paths:
         report("triton_over_fla_fwd", times["triton", "fwd"] / times["fla", "fwd"])
         report("triton_over_fla_fwd_bwd", times["triton", "fwd_bwd"] / times["fla", "fwd_bwd"])
+    return times
 
 
 @torch.no_grad()
@@ -118,7 +158,7 @@ def bench_decode():
 
 def bench_refine():
     from config import TrainConfig
-    from train import make_optimizer, train_step
+    from step import make_optimizer, train_step
     from model import build_model
     torch.manual_seed(0)
     cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
@@ -138,13 +178,109 @@ def bench_refine():
     report("reforward_over_snapshot", refw / snap)
 
 
-if __name__ == "__main__":
-    jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine}
-    which = sys.argv[1:] or ["all"]
+def step_throughput(model, cfg, batch, use_refine, repeat=2, warmup=1):
+    """Time train.train_step on batch [B, T+1] (REFINE if use_refine, else NTP) with a fresh AdamW.
+    -> dict(step_ms, tokens_per_s (the B*T input tokens), peak_mem_gib: torch.cuda.max_memory_allocated over the
+    timed steps, weights, gradients and optimiser state included; None off CUDA)."""
+    from step import make_optimizer, train_step
+    opt = make_optimizer(model, cfg)
+    model.train()
+    run = lambda: train_step(model, opt, batch, cfg, 0, 0, 1, use_refine)
+    for _ in range(warmup):  # compiles the kernels and allocates the optimiser state
+        run()
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = timeit(run, repeat=repeat, warmup=0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if batch.is_cuda else None
+    return {"step_ms": ms, "tokens_per_s": batch.shape[0] * (batch.shape[1] - 1) / (ms / 1e3), "peak_mem_gib": peak}
+
+
+def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, **overrides):
+    """One sequence of seq_len tokens through an NTP step and a REFINE step (snapshot rollouts) of the model preset,
+    with gradient checkpointing and (by default) bf16 autocast, as the paper's mid-training runs it per GPU.
+    Reports step time, tokens/s and peak memory of each; an out-of-memory step is reported, not raised."""
+    from config import TrainConfig
+    from model import build_model
+    torch.manual_seed(0)
+    with torch.device(device):  # the weights are created where they run (fast init of 1.3B parameters on a GPU)
+        model = build_model(model_name, gradient_checkpointing=True)
+    cfg = replace(TrainConfig(model=model_name, seq_len=seq_len, batch_size=1, dtype="bfloat16", lr=1e-6, eos_id=-1,
+                              gradient_checkpointing=True), **overrides)  # c=8, k=5, n=1 by default
+    batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
+    tag = f"{model_name} T={seq_len} {cfg.dtype} checkpointing"
+    report(f"{model_name}_parameters", model.num_parameters())
+    report("snapshot_delta_backend", resolve_backend(model.config.delta_backend, batch.float()))
+    results = {}
+    for name, refine in (("ntp", False), ("refine", True)):
+        try:
+            results[name] = r = step_throughput(model, cfg, batch, refine, repeat=repeat)
+        except torch.cuda.OutOfMemoryError:
+            report(f"{name}_step", f"out of memory ({tag})")
+            torch.cuda.empty_cache()
+            continue
+        report(f"{name}_step_ms ({tag})", r["step_ms"])
+        report(f"{name}_tokens_per_s", r["tokens_per_s"])
+        if r["peak_mem_gib"] is not None:
+            report(f"{name}_peak_mem_gib", r["peak_mem_gib"])
+    if len(results) == 2:
+        report("refine_over_ntp_step", results["refine"]["step_ms"] / results["ntp"]["step_ms"])
+    return results
+
+
+def run_kernel_tests(pytest_args=()):
+    """pytest tests/test_triton_kernel.py in a fresh process (compiled bf16 cases on CUDA, the interpreter without
+    it). Reports the summary line; returns True if it passed."""
+    root = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels where CUDA is
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernel.py",
+           *pytest_args]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    lines = run.stdout.strip().splitlines() or ["no output"]
+    report("kernel_tests", lines[-1].strip("= "))
+    if run.returncode != 0:
+        print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
+    return run.returncode == 0
+
+
+def bench_gpu():
+    """Everything that needs a GPU, in one run (see the module docstring); under 8 minutes on an H100-class card."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed (the kernel tests and Triton timings are skipped)"
+    start = time.perf_counter()
+    report("cuda_device", torch.cuda.get_device_name())
+    report("versions", f"torch {torch.__version__}, triton {triton_version}, cuda {torch.version.cuda}")
+    tests_ok = run_kernel_tests()
+    kernel_timings(4, 8192, 16, 128, 128, torch.bfloat16, "cuda", repeat=5)
+    bench_train_steps("deltanet-1.3b", 16384, "cuda", repeat=2)
+    report("gpu_bench_total_s", time.perf_counter() - start)
+    if not tests_ok:
+        print("bench.py gpu: error: the CUDA kernel tests failed (see above)", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv):
+    jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine, "gpu": bench_gpu}
+    which = argv or ["all"]
+    if "-h" in which or "--help" in which:
+        print(__doc__.strip())
+        return
     for name in which:
         if name not in (*jobs, "all"):
-            print(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine or all", file=sys.stderr)
+            print(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all or gpu "
+                  f"(--help lists them)", file=sys.stderr)
             sys.exit(2)
+    if "gpu" in which and not torch.cuda.is_available():
+        print("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU",
+              file=sys.stderr)
+        sys.exit(2)
     for name, job in jobs.items():
-        if name in which or "all" in which:
+        if name in which or ("all" in which and name != "gpu"):
             job()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

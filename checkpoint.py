@@ -8,6 +8,10 @@ ModelConfig's), a field we do not know is ignored, and a feature we do not imple
 
 API: load_pretrained / save_pretrained (folders), load_tokenizer, model_from_config_json (shapes only, meta device),
 config_from_hf / config_to_hf (the pure field mapping).
+
+Training checkpoints (train.py's out_dir/ckpt.pt, for --resume) are one torch.save file: the full model and AdamW
+state keyed by parameter name, gathered from whatever engine trained them (one process, DistributedDataParallel,
+FSDP2), so a run can resume with another number of processes: save_training / load_training.
 """
 import dataclasses
 import json
@@ -18,6 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel
 
 from model import FastWeightLM, ModelConfig
 
@@ -232,15 +239,16 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     return model.eval()
 
 
-def save_pretrained(model: FastWeightLM, path, extra=None):
+def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
     """Write config.json + model.safetensors (reference names; a tied lm_head.weight is left out, as the reference
     does) into a temporary folder beside `path`, then rename it into place: never a half-written checkpoint.
     `extra`: more config.json fields (train.py records its tokenizer's name; the references ignore them).
+    `state`: the weights to write instead of model.state_dict() (a full state gathered from FSDP2 shards).
     Other files of an existing folder (tokenizer.json, ...) are carried over; its old weight files are not."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"'{folder}' exists and is not a folder; pass a checkpoint folder path")
-    params = dict(model.state_dict())
+    params = dict(model.state_dict() if state is None else state)
     if any(t.is_meta for t in params.values()):
         raise ValueError("the model has parameters on the meta device; load or initialise it before saving")
     if model.config.tie_word_embeddings:
@@ -286,3 +294,42 @@ def load_tokenizer(path):
     eos = hf.get("eos_token_id", 2)
     pad = hf.get("pad_token_id")
     return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), eos, eos if pad is None else pad)
+
+
+# ------------------------------------------------------------------------------------------ training checkpoints
+
+def full_training_state(model, opt):
+    """(model state, AdamW state) as whole CPU tensors keyed by parameter name, whatever the engine: every process
+    must call it (under FSDP2 it gathers the shards); with several processes only rank 0 receives them."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=full), get_optimizer_state_dict(module, opt, options=full)
+
+
+def save_training(path, model, opt, meta, write=True):
+    """Gather the full state (all processes call this) and, where `write` (rank 0), save it with `meta` (config,
+    step, data position, versions) and the RNG state to a temporary name, then rename: a crash never leaves a
+    half-written checkpoint. -> the gathered model state (for the Hugging Face export)."""
+    model_state, opt_state = full_training_state(model, opt)
+    if write:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+        torch.save({"model": model_state, "optimizer": opt_state, "rng": rng, **meta}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return model_state
+
+
+def load_training(path, model, opt):
+    """Load a save_training file into model (plain, DDP or FSDP2: each process takes its part) and opt; restores
+    the RNG state. -> the checkpoint dict. One-line ValueError for a file that is not this run's kind."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        set_model_state_dict(module, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(module, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except Exception as e:  # unpickling errors, missing keys, shape mismatches: all mean "not this run's file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot resume from {path}: corrupt or incompatible checkpoint ({first[:200]})") from None
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt

@@ -9,7 +9,8 @@ Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, v
 Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
-  filler: 4 sentence templates over 44 filler words. K: 58 keys; V: `value_tokens` words out of 128 numbers.
+  filler: 4 sentence templates over 44 filler words. K: 58 keys; V: `value_tokens` words out of 128 numbers
+  (value_tokens: an int, or a range (lo, hi) from which each value's length is drawn: multi-token answers).
 Seeds: training rows come from train_rng(seed, row), evaluation examples from eval_rng(seed, index); they are
 numpy SeedSequences with different salts, so no seed gives a training stream and an evaluation stream alike.
 Files: .txt (the whole file is ONE document), .jsonl ("text" per line), .parquet ("text" column, or "prompt" plus
@@ -172,14 +173,28 @@ def _filler(rng, n_tokens, templates):
     return sentences, partial and len(sentences) > 0
 
 
+def value_range(value_tokens):
+    """value_tokens as an inclusive range (lo, hi): an int n is (n, n). ValueError unless 1 <= lo <= hi."""
+    lo, hi = (value_tokens, value_tokens) if isinstance(value_tokens, int) else tuple(value_tokens)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"value_tokens must be >= 1 or a range (lo, hi) with 1 <= lo <= hi, got {value_tokens}")
+    return int(lo), int(hi)
+
+
 def _sample_needles(rng, n_keys, values_per_key, value_tokens):
-    """[(key, value words)] in document order: distinct keys, distinct first value words."""
-    if not 1 <= n_keys <= len(KEYS) or not 1 <= n_keys * values_per_key <= len(VALUES) or value_tokens < 1:
+    """[(key, value words)] in document order: distinct keys, distinct first value words. value_tokens: an int (every
+    value has that many words) or a range (lo, hi): each value's length is drawn uniformly from lo..hi."""
+    lo, hi = value_range(value_tokens)
+    if not 1 <= n_keys <= len(KEYS) or not 1 <= n_keys * values_per_key <= len(VALUES):
         raise ValueError(f"need 1..{len(KEYS)} keys, 1..{len(VALUES)} needles in all and value_tokens >= 1; "
                          f"got {n_keys} keys x {values_per_key} values, value_tokens={value_tokens}")
     keys = [KEYS[i] for i in rng.choice(len(KEYS), n_keys, replace=False)]
     first = rng.choice(len(VALUES), n_keys * values_per_key, replace=False).tolist()
-    rest = rng.integers(0, len(VALUES), size=(len(first), value_tokens - 1)).tolist()
+    if lo == hi:   # a fixed length (the original stream: an int value_tokens draws exactly as before)
+        rest = rng.integers(0, len(VALUES), size=(len(first), lo - 1)).tolist()
+    else:
+        sizes = rng.integers(lo, hi + 1, size=len(first)).tolist()
+        rest = [rng.integers(0, len(VALUES), size=n - 1).tolist() for n in sizes]
     values = [(VALUES[f], *(VALUES[r] for r in row)) for f, row in zip(first, rest)]
     return [(keys[i // values_per_key], v) for i, v in enumerate(values)]
 

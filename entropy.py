@@ -12,7 +12,7 @@ H_t = H(pi(. | x_<=t)) is the uncertainty about the first token the rollout must
 import torch
 import torch.nn.functional as F
 
-MODES = ("entropy", "uniform", "argmax", "argmin")
+MODES = ("entropy", "uniform", "argmax", "argmin", "answer")
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -60,16 +60,16 @@ def _first_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     return torch.where(x == target, idx, big).amin(dim=-1)       # smallest index among the ties   [C]
 
 
-def _start_range(length: int, k: int, margin: int) -> tuple[int, int]:
+def _start_range(length: int, k: int, margin: int, end_margin: bool = True) -> tuple[int, int]:
     """Allowed rollout starts s = t + 1 for a sequence of `length` real tokens: returns (lo, hi), lo <= hi.
 
     Hard rules: s >= 1 (the prefix holds at least one token) and s + k <= length (all k ground-truth tokens
     exist). Soft rule (official code): margin <= s <= length - margin. Preferred range:
-    [max(margin, 1), length - max(margin, k)]. When the sequence is too short for that range (length < 2 * margin,
-    roughly), the margin is dropped and the range is [1, length - k]. When even that is empty (length < k + 1)
-    no rollout can exist and a ValueError is raised.
+    [max(margin, 1), length - max(margin, k)] ([max(margin, 1), length - k] with end_margin=False). When the sequence
+    is too short for that range (length < 2 * margin, roughly), the margin is dropped and the range is
+    [1, length - k]. When even that is empty (length < k + 1) no rollout can exist and a ValueError is raised.
     """
-    lo, hi = max(margin, 1), length - max(margin, k)
+    lo, hi = max(margin, 1), length - (max(margin, k) if end_margin else k)
     if lo > hi:                                                  # too short for the margin: keep the hard rules only
         lo, hi = 1, length - k
     if lo > hi:
@@ -80,7 +80,7 @@ def _start_range(length: int, k: int, margin: int) -> tuple[int, int]:
 
 def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "entropy",
                      temperature: float = 1.0, margin: int = 20, lengths=None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Pick one rollout position per chunk. Returns t (the last prefix token) as a LongTensor [B, n_chunks].
 
     entropy: [B, T] per-position NTP entropy (from token_entropy); lengths: [B] real tokens per row
@@ -92,7 +92,13 @@ def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "
          "entropy": i ~ softmax(smooth_entropy(H, k) / temperature) over the chunk (smoothing sees only the real
                     tokens: entries at >= L are treated as zero padding);
          "uniform": i ~ uniform over the chunk;
-         "argmax" / "argmin": the first index of the max / min of the UNsmoothed entropy in the chunk.
+         "argmax" / "argmin": the first index of the max / min of the UNsmoothed entropy in the chunk;
+         "answer" (this project's, not the paper's): no chunks; the n_chunks positions are drawn with replacement
+                    among the row's `allowed` positions (bool [B, T], e.g. the last token before each query-answer
+                    word, whose continuation is predictable from context, unlike a needle's random value) with
+                    p(t) = softmax(smooth_entropy(H, k) / temperature) over them; a row without any allowed real
+                    position falls back to "entropy". The start is clamped without the end margin (answers end
+                    the document), i.e. into [max(margin, 1), L - k].
       3. the rollout start s = i + 1 is clamped into the allowed range (see _start_range: [max(margin, 1),
          L - max(margin, k)], or [1, L - k] when L is too short for the margin), and t = s - 1 is returned,
          so 0 <= t and t + 1 + k <= L always.
@@ -110,6 +116,8 @@ def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     B, T = entropy.shape
+    if mode == "answer" and (allowed is None or allowed.shape != (B, T)):
+        raise ValueError(f"mode 'answer' needs allowed: a bool [B={B}, T={T}] mask of the positions it may pick")
     if lengths is None:
         lengths = [T] * B
     lengths = [int(n) for n in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
@@ -122,16 +130,22 @@ def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "
     H = entropy.detach().float()                                                # [B, T]
     real = torch.arange(T, device=H.device)[None, :] < torch.tensor(lengths, device=H.device)[:, None]  # [B, T]
     H = torch.where(real, H, torch.zeros_like(H))                               # pad slots act as zero padding
-    if mode == "entropy":
+    if mode in ("entropy", "answer"):
         H_s = smooth_entropy(H, k)                                              # [B, T]
 
     out = torch.empty(B, n_chunks, dtype=torch.long)
     for b, L in enumerate(lengths):
+        lo, hi = _start_range(L, k, margin, end_margin=mode != "answer")
+        pool = None if mode != "answer" else allowed[b, :L].nonzero().flatten().to(H.device)   # [A] candidates
+        if pool is not None and len(pool):
+            probs = torch.softmax(H_s[b, pool] / temperature, dim=-1)            # softmax(H_t / tau) over candidates
+            i = pool[torch.multinomial(probs, n_chunks, replacement=True, generator=generator)].cpu()   # [C]
+            out[b] = (i + 1).clamp(lo, hi) - 1                                  # t = clamped start - 1
+            continue
         size = L // n_chunks
         if size == 0:
             raise ValueError(f"n_chunks={n_chunks} is larger than the {L} real tokens of row {b}")
-        lo, hi = _start_range(L, k, margin)
-        if mode == "entropy":
+        if mode in ("entropy", "answer"):                                       # "answer" without candidates too
             chunks = H_s[b, : n_chunks * size].view(n_chunks, size)            # [C, size] remainder dropped
             probs = torch.softmax(chunks / temperature, dim=-1)                 # sec. 3 step 1: p_i(t) = softmax(H_t / tau)
             j = torch.multinomial(probs, 1, generator=generator).squeeze(-1)    # [C] index inside each chunk

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import delta_rule
-from kernels.chunked import chunked_delta_rule
 from kernels.recurrent import recurrent_delta_rule
 
 
@@ -86,17 +85,19 @@ class DeltaNetMixer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, D, bias=False)
 
     def _inputs(self, x, state):
-        """Projections, convs, norms. x [B, T, D] -> q, k [B, T, H, dk], v [B, T, H, dv], beta [B, T, H], tails."""
+        """Projections, convs, norms. x [B, T, D] -> q, k [B, T, H, dk], v [B, T, H, dv], beta [B, T, H], conv tails,
+        and the projections before the convs (pq, pk, pv [B, T, d]: what a snapshot's conv tail is made of)."""
         B, T, _ = x.shape
         get = (lambda name: None) if state is None else state.get
-        q, tq = self.q_conv1d(self.q_proj(x), get("conv_q"))
-        k, tk = self.k_conv1d(self.k_proj(x), get("conv_k"))
-        v, tv = self.v_conv1d(self.v_proj(x), get("conv_v"))
+        pq, pk, pv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, tq = self.q_conv1d(pq, get("conv_q"))
+        k, tk = self.k_conv1d(pk, get("conv_k"))
+        v, tv = self.v_conv1d(pv, get("conv_v"))
         q = l2norm(q.view(B, T, self.H, self.dk))                              # [B, T, H, dk]
         k = l2norm(k.view(B, T, self.H, self.dk))
         v = v.view(B, T, self.H, self.dv)                                      # [B, T, H, dv]
         beta = torch.sigmoid(self.b_proj(x).to(torch.promote_types(x.dtype, torch.float32)))  # [B, T, H]
-        return q, k, v, beta, (tq, tk, tv)
+        return q, k, v, beta, (tq, tk, tv), (pq, pk, pv)
 
     def _output(self, o):  # o [B, T, H, dv] -> [B, T, D]
         B, T = o.shape[:2]
@@ -105,24 +106,26 @@ class DeltaNetMixer(nn.Module):
     def forward(self, x, snapshot_at=None):
         """x: [B, T, D]; snapshot_at: LongTensor [B, P], None, or "defer". Returns (y [B, T, D], snapshots):
         snapshots is None, a state whose row b*P + p is the state after token snapshot_at[b, p] of sequence b,
-        or (with "defer") a function positions [B, P] -> that state, differentiable through this pass."""
-        q, k, v, beta, _ = self._inputs(x, None)
+        or (with "defer") a function positions [B, P] -> that state, differentiable through this pass. The states
+        come from the same delta-rule pass as y (config.delta_backend: "auto" is Triton on CUDA, torch elsewhere)."""
+        q, k, v, beta, _, projections = self._inputs(x, None)
         if snapshot_at is None:
             o, _ = delta_rule(q, k, v, beta, backend=self.backend, chunk_size=self.chunk_size)
             return self._output(o), None
-        o, _, states_at = chunked_delta_rule(q, k, v, beta, chunk_size=self.chunk_size, snapshot_at="defer")
+        o, _, states_at = delta_rule(q, k, v, beta, backend=self.backend, chunk_size=self.chunk_size,
+                                     snapshot_at="defer")
         w = self.q_conv1d.kernel_size[0]
 
         def snapshots(positions):  # [B, P] -> state with B*P rows
             B, P = positions.shape
             snaps = {"S": states_at(positions).flatten(0, 1), "pos": (positions + 1).flatten()}
-            # conv tails: the w-1 pre-activation projections ending at token t (zeros before the start); the
-            # gathered inputs are projected again, which is exact (a zero row projects to zero)
-            idx = positions[:, :, None] + torch.arange(1, w, device=x.device)               # [B, P, w-1] in xpad
-            xpad = F.pad(x, (0, 0, w - 1, 0))                                                 # [B, w-1+T, D]
-            rows = torch.gather(xpad, 1, idx.flatten(1)[:, :, None].expand(-1, -1, x.shape[2]))
-            for name, proj in (("conv_q", self.q_proj), ("conv_k", self.k_proj), ("conv_v", self.v_proj)):
-                snaps[name] = proj(rows).view(B * P, w - 1, -1)                              # [B*P, w-1, d]
+            # conv tails: the w-1 projections (before the conv) ending at token t, zeros before the start, gathered
+            # from this pass (no weights are used after the pass: under FSDP2 they are sharded again by then)
+            idx = positions[:, :, None] + torch.arange(1, w, device=x.device)               # [B, P, w-1] in padded
+            for name, proj in zip(("conv_q", "conv_k", "conv_v"), projections):
+                padded = F.pad(proj, (0, 0, w - 1, 0))                                        # [B, w-1+T, d]
+                rows = torch.gather(padded, 1, idx.flatten(1)[:, :, None].expand(-1, -1, proj.shape[2]))
+                snaps[name] = rows.view(B * P, w - 1, -1)                                     # [B*P, w-1, d]
             return snaps
 
         if isinstance(snapshot_at, str):
@@ -139,7 +142,7 @@ class DeltaNetMixer(nn.Module):
 
     def step(self, x, state):
         """x: [B, T, D] new tokens (T = 1 when decoding), state: dict. Returns (y [B, T, D], new state)."""
-        q, k, v, beta, (tq, tk, tv) = self._inputs(x, state)
+        q, k, v, beta, (tq, tk, tv), _ = self._inputs(x, state)
         if x.shape[1] == 1:  # one token: the recurrent form is the cheapest
             o, S = recurrent_delta_rule(q, k, v, beta, None, state["S"], True)
         else:

@@ -289,6 +289,10 @@ class LaCTMixer(nn.Module):
         y = self._output(o_attn, torch.cat(outs, dim=2), p["scale"])
         if snapshot_at is None:
             return y, None
+        # the weights after each update, stacked now: ws[0] views the parameters, whose storage FSDP2 frees once
+        # this block's forward ends, so a deferred snapshot must not read them later
+        ws = [torch.stack(col) for col in zip(*ws)]                    # 3 x [updates + 1, B, Hl, ., .]
+        ms = [torch.stack(col) for col in zip(*ms)] if self.use_momentum else None
         if defer:
             return y, lambda t: self._snapshots(self._check_positions(t, B, T), p, ws, ms)
         return y, self._snapshots(snapshot_at, p, ws, ms)
@@ -311,8 +315,8 @@ class LaCTMixer(nn.Module):
         state = {"pos": n.flatten()}
         names = ["w0", "w1", "w2"] + (["m0", "m1", "m2"] if self.use_momentum else [])
         for i, name in enumerate(names):
-            seq = ws if i < 3 else ms
-            state[name] = torch.stack([s[i % 3] for s in seq])[j, b.expand(B, P)].flatten(0, 1)  # [B*P, Hl, ., .]
+            seq = ws if i < 3 else ms                                   # 3 x [updates + 1, B, Hl, ., .]
+            state[name] = seq[i % 3][j, b.expand(B, P)].flatten(0, 1)  # [B*P, Hl, ., .]
 
         def gather(x, idx, valid):  # x [B, T, ...], idx/valid [B, P, S] -> [B*P, S, ...], zero where invalid
             g = x[b[..., None], idx.clamp(0, x.shape[1] - 1)]

@@ -2,7 +2,8 @@
 
 Layout and parameter names follow the reference checkpoints one-to-one (fla's DeltaNetForCausalLM and LaCT's
 lact_swiglu): model.embeddings, model.layers.{i}.{attn_norm, attn, mlp_norm, mlp}, model.norm, lm_head.
-Checkpoint I/O in the reference (Hugging Face) layout lives in checkpoint.py.
+Checkpoint I/O in the reference (Hugging Face) layout lives in checkpoint.py (checkpoint.load_pretrained,
+checkpoint.save_pretrained), which imports this file.
 """
 import math
 from dataclasses import dataclass, replace
@@ -124,15 +125,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, snapshot_at=None):  # x [B, T, D] -> ([B, T, D], snapshots)
-        y, snaps = self.attn(self.attn_norm(x), snapshot_at)
+    def forward(self, x, snapshot_at=None, state=None):
+        """x [B, T, D] -> ([B, T, D], snapshots), or with a decoding state -> ([B, T, D], new state)."""
+        if state is None:
+            y, extra = self.attn(self.attn_norm(x), snapshot_at)
+        else:
+            y, extra = self.attn.step(self.attn_norm(x), state)
         h = x + y
-        return h + self.mlp(self.mlp_norm(h)), snaps
-
-    def step(self, x, state):  # x [B, T, D] -> ([B, T, D], new state)
-        y, state = self.attn.step(self.attn_norm(x), state)
-        h = x + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + self.mlp(self.mlp_norm(h)), extra
 
 
 class Backbone(nn.Module):
@@ -168,11 +168,14 @@ class FastWeightLM(nn.Module):
         hidden = self.model.norm(h)
         return self.lm_head(hidden).to(torch.promote_types(hidden.dtype, torch.float32)), hidden
 
-    def forward(self, input_ids, snapshot_at=None):
+    def forward(self, input_ids, snapshot_at=None, state=None):
         """input_ids: LongTensor [B, T]; snapshot_at: None, LongTensor [B, P] of positions, or a function
         (logits [B, T, V], hidden [B, T, D]) -> positions [B, P] that picks them from this very pass (REFINE's
         entropy selection). -> LMOutput; .snapshots holds the states after the chosen positions (rows b*P + p),
-        .positions the positions."""
+        .positions the positions. With `state` it decodes instead (see step): one entry point for both, so a
+        DistributedDataParallel or FSDP2 wrapper sees every call."""
+        if state is not None:
+            return self._decode(input_ids, state)
         h = self.model.embeddings(input_ids)                                   # [B, T, D]
         mode = None if snapshot_at is None else ("defer" if callable(snapshot_at) else snapshot_at)
         snapshots = []
@@ -197,11 +200,15 @@ class FastWeightLM(nn.Module):
 
     def step(self, input_ids, state):
         """Continue from `state` (init_state, a snapshot, or a previous step) over new tokens input_ids [B, T]
-        (T = 1 when decoding). Functional: the input state is not modified. -> LMOutput with .state."""
-        h = self.model.embeddings(input_ids)
+        (T = 1 when decoding). Functional: the input state is not modified. -> LMOutput with .state.
+        The same as model(input_ids, state=state)."""
+        return self(input_ids, state=state)
+
+    def _decode(self, input_ids, state):
+        h = self.model.embeddings(input_ids)                                   # [B, T, D]
         new_state = []
         for layer, s in zip(self.model.layers, state):
-            h, s = layer.step(h, s)
+            h, s = layer(h, state=s)
             new_state.append(s)
         logits, hidden = self._head(h)
         return LMOutput(logits, hidden, state=new_state)
@@ -212,17 +219,6 @@ class FastWeightLM(nn.Module):
         last = torch.full((B, 1), T - 1, dtype=torch.long, device=input_ids.device)
         out = self(input_ids, snapshot_at=last)
         return out, out.snapshots
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
-        """A model from a checkpoint folder in the reference layout (config.json + model.safetensors)."""
-        from checkpoint import load_pretrained  # checkpoint.py imports this module
-        return load_pretrained(path, dtype, device, **overrides)
-
-    def save_pretrained(self, path, extra=None):
-        """Write config.json + model.safetensors with the reference names (loadable by fla / LaCT)."""
-        from checkpoint import save_pretrained
-        save_pretrained(self, path, extra)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())

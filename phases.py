@@ -1,4 +1,4 @@
-"""The two phases that work on prompt/answer pairs (the paper's post-training and test-time training): post-training and test-time training.
+"""The two phases that work on prompt/answer pairs: the paper's post-training and test-time training.
 
 post: the nested loop. For each batch of pairs: one REFINE step on the PROMPTS (NTP + NSP), then one SFT step on
       the reference answer given the prompt (cross-entropy on the answer tokens + EOS), same AdamW state. The score
@@ -16,8 +16,10 @@ import random
 import torch
 
 import data as datalib
+from checkpoint import save_pretrained
 from evaluate import decode, encode_prompt, generate_all, ttt_evaluate
 from metrics import ruler_qa_score
+from step import lr_at, train_step
 
 
 def load_pairs(cfg, tok, path, split, n):
@@ -50,7 +52,6 @@ def score(model, tok, pairs, score_fn, max_new_tokens=32):
 
 
 def post_train(cfg, model, opt, tok, device):
-    from train import lr_at, train_step  # train.py imports this module lazily
     train_pairs, _ = load_pairs(cfg, tok, cfg.data, "train", cfg.batch_size * cfg.max_steps)
     test_pairs, score_fn = load_pairs(cfg, tok, cfg.eval_data or cfg.data, "test", cfg.eval_examples)
     results = {"before": score(model, tok, test_pairs, score_fn)}
@@ -99,5 +100,5 @@ def run_phase(cfg, model, opt, tok, device):
     with open(os.path.join(cfg.out_dir, f"{cfg.phase}.json"), "w") as f:
         json.dump(results, f, indent=1)
     if cfg.phase == "post":
-        model.save_pretrained(os.path.join(cfg.out_dir, "hf"), extra={"tokenizer": tok.name})
+        save_pretrained(model, os.path.join(cfg.out_dir, "hf"), extra={"tokenizer": tok.name})
     return 0

@@ -73,7 +73,7 @@ def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=
     tokens, logps, hiddens = [], [], []
     for _ in range(k):
         tok, lp = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
-        step = model.step(tok[:, None], state)
+        step = model(tok[:, None], state=state)
         state, logits = step.state, step.logits[:, 0]
         tokens.append(tok)
         logps.append(lp)
@@ -92,7 +92,7 @@ def logprobs_from_snapshots(model, out, tokens, n=1, temperature=1.0):
     for j in range(tokens.shape[1]):
         logps.append(F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, j:j + 1])[:, 0])
         if j + 1 < tokens.shape[1]:
-            step = model.step(tokens[:, j:j + 1], state)
+            step = model(tokens[:, j:j + 1], state=state)
             state, logits = step.state, step.logits[:, 0]
     return torch.stack(logps, 1)
 
@@ -139,7 +139,7 @@ def sample_by_reforward(model, input_ids, positions, k, n=1, temperature=1.0, to
     tokens = []
     for _ in range(k):
         tok, _ = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
-        step = model.step(tok[:, None], state)
+        step = model(tok[:, None], state=state)
         state, logits = step.state, step.logits[:, 0]
         tokens.append(tok)
     tokens = torch.stack(tokens, 1)
@@ -150,15 +150,16 @@ def sample_by_reforward(model, input_ids, positions, k, n=1, temperature=1.0, to
     return Rollouts(positions, tokens, logp, h_pred.float(), gt, h_gt.float(), n)
 
 
-def collect_rollouts(model, x, cfg, generator=None, lengths=None, mode="snapshot"):
+def collect_rollouts(model, x, cfg, generator=None, lengths=None, mode="snapshot", allowed=None):
     """Steps 1-2 of REFINE for a batch x [B, T]: one forward (entropies, NTP logits, h_gt and, in snapshot mode, the
     states after the selected positions), position selection, then sampling. Runs with or without grad: with
     grad, the returned LMOutput is reused for the NTP loss and the teacher-forced log-probs (one forward per step).
     cfg supplies n_chunks, rollout_len, n_rollouts, select_mode, select_temperature, margin, sample_temperature,
-    top_p, top_k, and eos_id (suppressed while sampling). -> (LMOutput, Rollouts)."""
+    top_p, top_k, and eos_id (suppressed while sampling). allowed: bool [B, T], the positions select_mode "answer" may
+    pick (see entropy.select_positions). -> (LMOutput, Rollouts)."""
     def select(logits, hidden):  # eq. 1-2: entropy per position, smoothed, one softmax draw per chunk
         return select_positions(token_entropy(logits.detach()), cfg.n_chunks, cfg.rollout_len, cfg.select_mode,
-                                cfg.select_temperature, cfg.margin, lengths, generator)
+                                cfg.select_temperature, cfg.margin, lengths, generator, allowed)
 
     knobs = dict(k=cfg.rollout_len, n=cfg.n_rollouts, temperature=cfg.sample_temperature, top_p=cfg.top_p,
                  top_k=cfg.top_k, eos_id=cfg.eos_id, generator=generator)

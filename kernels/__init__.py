@@ -2,7 +2,8 @@
 
 Backends: "recurrent" (token loop, the reference), "torch" (chunked WY/UT form), "triton" (chunked kernel with a
 hand-written backward). "auto" takes Triton on CUDA when it imports, else torch; the environment variable
-REFINE_DELTA_BACKEND overrides "auto".
+REFINE_DELTA_BACKEND overrides "auto". All three hand out snapshots (the state after chosen positions, what a REFINE
+step starts its rollouts from) from the same single pass.
 """
 import os
 
@@ -13,17 +14,21 @@ BACKENDS = ("auto", "recurrent", "torch", "triton")
 
 
 def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, backend="auto",
-               chunk_size=64):
+               chunk_size=64, snapshot_at=None):
     """q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], beta: [B, T, H], initial_state: [B, H, K, V] or None.
-    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] fp32 or None)."""
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] fp32 or None).
+    snapshot_at: None, LongTensor [B, P] of positions, or "defer". When given, a third item is returned: the states
+    after those positions [B, P, H, K, V] fp32, or ("defer") a function positions [B, P] -> those states, to call
+    once the positions are chosen; both are differentiable in q, k, v, beta and initial_state."""
     backend = resolve_backend(backend, q)
     if backend == "recurrent":
-        return recurrent_delta_rule(q, k, v, beta, scale, initial_state, output_final_state)
+        return recurrent_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, snapshot_at)
     if backend == "triton":
         from .triton_delta import triton_delta_rule
-        return triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, chunk_size)
-    o, final, _ = chunked_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, chunk_size)
-    return o, final
+        return triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, chunk_size, snapshot_at)
+    o, final, snaps = chunked_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, chunk_size,
+                                         snapshot_at)
+    return (o, final) if snapshot_at is None else (o, final, snaps)
 
 
 def resolve_backend(backend, x):

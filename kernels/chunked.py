@@ -7,8 +7,9 @@ Per chunk of C tokens (fla convention, S in R^{K x V}; Yang et al. 2024, "Parall
   4. V'_n = U_n - W_n S_n;  S_{n+1} = S_n + K_n^T V'_n    (sequential over chunks, fp32)
   5. O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)          (tril keeps the diagonal)
 Row r of V'_n is beta_r (v_r - S_{r-1}^T k_r), so the state after token r of chunk n is S_n + K_{n,<=r}^T V'_{n,<=r}:
-`snapshot_at` uses this to hand out the (differentiable) state after any position from the same pass.
-Precision: everything runs in fp32 (fp64 for fp64 inputs); the output is cast back to v's dtype.
+`states_after` computes it from the chunk states and V' of one pass, here and for the Triton kernel alike, so
+`snapshot_at` hands out the (differentiable) state after any position without a second pass.
+Precision: everything runs in fp32 (fp64 for fp64 inputs), also under autocast; the output is cast back to v's dtype.
 """
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,18 @@ def chunked_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_fin
     Returns (o [B, T, H, V], final_state [B, H, K, V] fp32 or None, snapshots [B, P, H, K, V] fp32 or None);
     with "defer" the third item is a function positions [B, P] -> snapshots, to call once positions are chosen
     (REFINE picks them from the logits of this very pass)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmuls below in bf16
+        return _chunked(q, k, v, beta, scale, initial_state, output_final_state, chunk_size, snapshot_at)
+
+
+def _chunked(q, k, v, beta, scale, initial_state, output_final_state, chunk_size, snapshot_at):
     B, T, H, K = q.shape
     V, C, dtype = v.shape[-1], chunk_size, v.dtype
     acc = torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 when the inputs are fp64
     scale = K ** -0.5 if scale is None else scale
     N = (T + C - 1) // C
     pad = N * C - T  # zero k, v and beta leave the state untouched, so padding is exact
+    k_rows = k.to(acc)                                                                  # [B, T, H, K]
 
     def chunks(x):  # [B, T, H, d] -> [B, H, N, C, d]
         x = F.pad(x.to(acc).transpose(1, 2), (0, 0, 0, pad))
@@ -52,19 +59,52 @@ def chunked_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_fin
         S = S + k[:, :, n].transpose(-1, -2) @ v_new                                    # S_{n+1} = S_n + K_n^T V'_n
     o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)    # [B, T, H, V]
 
-    def snapshots(positions):  # [B, P] -> [B, P, H, K, V]: S_n + K_{n,<=r}^T V'_{n,<=r} for t = n*C + r
-        P = positions.shape[1]
-        rows = [(b, t // C, t % C) for b, row in enumerate(positions.tolist()) for t in row]
-        S_n = torch.stack([states[n][b] for b, n, _ in rows])                          # [B*P, H, K, V]
-        K_n = torch.stack([k[b, :, n] for b, n, _ in rows])                            # [B*P, H, C, K]
-        V_n = torch.stack([v_news[n][b] for b, n, _ in rows])                          # [B*P, H, C, V]
-        upto = torch.tensor([r for *_, r in rows], device=k.device)[:, None, None, None]
-        K_n = K_n * (torch.arange(C, device=k.device)[None, None, :, None] <= upto)     # keep rows <= r
-        return (S_n + K_n.transpose(-1, -2) @ V_n).view(B, P, H, K, V)
+    def snapshots(positions):  # [B, P] -> [B, P, H, K, V]; the stacks are built only when asked for
+        chunk_states = torch.stack(states, dim=1)                                       # [B, N, H, K, V]
+        rows = torch.stack(v_news, dim=2).reshape(B, H, N * C, V).transpose(1, 2)      # V' [B, N*C, H, V]
+        return states_after(positions, chunk_states, k_rows, rows, C)
 
     final = S if output_final_state else None
-    if isinstance(snapshot_at, str) and snapshot_at == "defer":
-        return o.to(dtype), final, snapshots
-    return o.to(dtype), final, (None if snapshot_at is None else snapshots(snapshot_at))
+    return o.to(dtype), final, deliver_snapshots(snapshot_at, snapshots, B, T)
 
 
+def states_after(positions, chunk_states, k, v_new, chunk_size):
+    """The state after token t = n*C + r (C = chunk_size) for every t in positions: S_n + K_{n,<=r}^T V'_{n,<=r}.
+    positions: LongTensor [B, P] in [0, T); chunk_states: [B, N, H, K, V] (S_n, the state entering chunk n);
+    k: [B, T, H, K]; v_new: [B, T', H, V] with T' >= T (row t is v'_t = beta_t (v_t - S_{t-1}^T k_t)).
+    Returns [B, P, H, K, V] in fp32 (fp64 for fp64 states), differentiable in all three tensors. Shared by the torch
+    and the Triton backends; a gather of P chunks, not a pass over the sequence."""
+    B, P = positions.shape
+    C, T = chunk_size, k.shape[1]
+    acc = torch.promote_types(chunk_states.dtype, torch.float32)
+    n, r = positions // C, positions % C                                                # chunk, row in it  [B, P]
+    b = torch.arange(B, device=positions.device)[:, None]                              # [B, 1]
+    offsets = torch.arange(C, device=positions.device)                                 # [C]
+    rows = (n[..., None] * C + offsets).clamp(max=T - 1)                               # token rows of chunk n [B, P, C]
+    keep = (offsets <= r[..., None])[..., None, None]                                  # rows <= r  [B, P, C, 1, 1]
+    with torch.autocast(positions.device.type, enabled=False):
+        S_n = chunk_states[b, n].to(acc)                                                # [B, P, H, K, V]
+        K_r = k[b[..., None], rows].to(acc) * keep                                      # K_{n,<=r}  [B, P, C, H, K]
+        V_r = v_new[b[..., None], rows].to(acc)                                         # V'_n       [B, P, C, H, V]
+        return S_n + torch.einsum("bpchk,bpchv->bphkv", K_r, V_r)                     # S_n + K^T V'
+
+
+def deliver_snapshots(snapshot_at, take, B, T):
+    """What a delta rule returns as its snapshots: None (snapshot_at None), the function `take` itself
+    ("defer": REFINE chooses the positions after the pass) or take(snapshot_at) for positions [B, P]. `take` is
+    wrapped so that positions are checked ([B, P] integers in [0, T)) either way."""
+    def checked(positions):  # [B, P] -> [B, P, H, K, V]
+        if positions.dim() != 2 or positions.shape[0] != B or positions.is_floating_point():
+            raise ValueError(f"snapshot positions must be an integer tensor [B={B}, P]; got {tuple(positions.shape)} "
+                             f"{positions.dtype}")
+        if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < T):
+            raise ValueError(f"snapshot positions must lie in [0, {T - 1}]")
+        return take(positions)
+
+    if snapshot_at is None:
+        return None
+    if isinstance(snapshot_at, str):
+        if snapshot_at != "defer":
+            raise ValueError(f"snapshot_at must be None, 'defer' or positions [B, P]; got {snapshot_at!r}")
+        return checked
+    return checked(snapshot_at)

@@ -1,26 +1,43 @@
 """The delta rule as an explicit loop over time: the slow, obviously-correct reference.
 
-Every other backend (the chunked torch form in chunked.py, the Triton kernel) is tested against this file.
+Every other backend (the chunked torch form in chunked.py, the Triton kernel) is tested against this file, their
+snapshots (the state after chosen positions) included: here the state after token t is simply S_t of the loop.
 fla convention: the state S has shape [K, V] per head, so reading is S^T q and writing is S + k v'^T.
-Precision: the state and every product run in fp32 (fp64 for fp64 inputs); the output is cast back.
+Precision: the state and every product run in fp32 (fp64 for fp64 inputs), also under autocast; the output is cast
+back to v's dtype.
 """
 import torch
 
+from .chunked import deliver_snapshots
 
-def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False):
+
+def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, snapshot_at=None):
     """q, k: [B, T, H, K] (already L2-normalised), v: [B, T, H, V], beta: [B, T, H],
-    initial_state: [B, H, K, V] or None. Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)."""
+    initial_state: [B, H, K, V] or None; snapshot_at: None, LongTensor [B, P] of positions, or "defer".
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None), and with snapshot_at a third item
+    as chunked_delta_rule's: the states after the positions [B, P, H, K, V] fp32, or ("defer") a function
+    positions -> those states. Snapshots keep every S_t alive: T states, fine for a reference."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dtype, acc = v.dtype, torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    q, k, v, beta = q.to(acc) * scale, k.to(acc), v.to(acc), beta.to(acc)
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
-    outs = []
-    for t in range(T):
-        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]              # [B, H, K], [B, H, V], [B, H, 1]
-        v_new = b_t * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))       # v'_t = beta_t (v_t - S^T k_t)
-        S = S + k_t[..., :, None] * v_new[..., None, :]                    # S_t = S_{t-1} + k_t v'_t^T
-        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))           # o_t = S_t^T (scale q_t)
-    o = torch.stack(outs, dim=1).to(dtype)                               # [B, T, H, V]
-    return o, (S if output_final_state else None)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsums in bf16
+        q, k, v, beta = q.to(acc) * scale, k.to(acc), v.to(acc), beta.to(acc)
+        S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+        outs, states = [], []
+        for t in range(T):
+            k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]              # [B, H, K], [B, H, V], [B, H, 1]
+            v_new = b_t * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))       # v'_t = beta_t (v_t - S^T k_t)
+            S = S + k_t[..., :, None] * v_new[..., None, :]                    # S_t = S_{t-1} + k_t v'_t^T
+            outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))           # o_t = S_t^T (scale q_t)
+            if snapshot_at is not None:
+                states.append(S)
+    o = torch.stack(outs, dim=1).to(dtype)                                   # [B, T, H, V]
+    final = S if output_final_state else None
+    if snapshot_at is None:
+        return o, final
+
+    def snapshots(positions):  # [B, P] -> [B, P, H, K, V]: S_t of sequence b for t = positions[b, p]
+        picked = [states[t][b] for b, row in enumerate(positions.tolist()) for t in row]   # B*P of [H, K, V]
+        return (torch.stack(picked) if picked else S.new_zeros(0, H, K, V)).view(B, -1, H, K, V)
+    return o, final, deliver_snapshots(snapshot_at, snapshots, B, T)

@@ -8,16 +8,22 @@ Per batch b, head h and chunk n of C rows (Q, K [C, DK], V [C, DV], beta [C]), a
   step 5  O_n  = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)         chunk_output_kernel
 Steps 1-3 run in one kernel (wy_representation_kernel, one program per chunk). The hand-written backward walks the
 same steps in reverse (triton_delta_bwd.py); the forward saves T, W, the chunk states S_n and V' for it.
+Snapshots: the chunk states S_n and the rows of V' are also outputs of the autograd.Function, so the state after any
+token, S_n + K_{n,<=r}^T V'_{n,<=r}, is a torch gather from them (chunked.states_after, shared with the torch path);
+the backward takes gradients into every S_n and every row of V', not only into the output and the final state.
 
 Precision: every tl.dot accumulates in fp32 and the running state S is fp32. Dot operands and the stored
 intermediates (T, W, U, V', S_n) are in the input dtype, as in fla: bf16/fp16 use tensor cores, fp32 runs as TF32
-on a GPU and exactly in the CPU interpreter (TRITON_INTERPRET=1, set before triton is imported).
+on a GPU and exactly in the CPU interpreter (TRITON_INTERPRET=1, set before triton is imported). With snapshots the
+chunk states S_n (and their gradients) are stored in fp32, so a snapshot is as exact as the final state.
 Supported: chunk size 16/32/64, head dims DK, DV <= 128 (padded inside to a power of two >= 16 with masks), any T.
 """
 import os
 import types
 
 import torch
+
+from .chunked import deliver_snapshots, states_after
 
 try:
     import triton
@@ -161,7 +167,7 @@ def chunk_output_kernel(q, k, v_new, h, o, scale, seq_len, H, NT, DK: tl.constex
     for c0 in range(0, DK, BK):
         q_b = load_tile(q + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)       # [BT, BK]
         k_b = load_tile(k + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)       # [BT, BK]
-        S_b = load_tile(h_n, c0, DK, DV, v0, DV, BK, BV)                          # [BK, BV]
+        S_b = load_tile(h_n, c0, DK, DV, v0, DV, BK, BV).to(q_b.dtype)            # [BK, BV] (fp32 if snapshots)
         QS += tl.dot(q_b, S_b)                                                   # Q_n S_n
         P += tl.dot(q_b, tl.trans(k_b))                                          # Q_n K_n^T
     rows = tl.arange(0, BT)
@@ -184,9 +190,11 @@ def block_sizes(DK, DV):
     return BKF, BVF, min(64, BKF), min(64, BVF)
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
-    """q, k [B, T, H, DK], v [B, T, H, DV], beta [B, T, H], h0 [B, H, DK, DV] fp32 or None (all contiguous).
-    Returns o [B, T, H, DV], final state [B, H, DK, DV] fp32 or None, and (T, W, S_n, V') for the backward."""
+def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT, state_dtype=None):
+    """q, k [B, T, H, DK], v [B, T, H, DV], beta [B, T, H], h0 [B, H, DK, DV] fp32 or None (all contiguous);
+    state_dtype: dtype of the stored chunk states S_n (default: the input dtype; fp32 for snapshots).
+    Returns o [B, T, H, DV], final state [B, H, DK, DV] fp32 or None, and (T, W, S_n, V') for the backward:
+    T [B, T, H, BT], W [B, T, H, DK], S_n [B, NT, H, DK, DV], V' [B, T, H, DV]."""
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -196,7 +204,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
     w, u = torch.empty_like(k), torch.empty_like(v)                              # [B, T, H, DK], [B, T, H, DV]
     wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, BK, BV, **opts)
 
-    h = k.new_empty(B, NT, H, DK, DV)                                            # S_n, the state entering chunk n
+    h = k.new_empty(B, NT, H, DK, DV, dtype=state_dtype or k.dtype)              # S_n, the state entering chunk n
     v_new = torch.empty_like(v)                                                  # V'
     ht = q.new_empty(B, H, DK, DV, dtype=torch.float32) if output_final_state else None
     BVS = min(32, BVF)                                                           # more programs for the serial pass
@@ -211,25 +219,33 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT):
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
-    """Forward: chunk_delta_rule_fwd. Backward: triton_delta_bwd.chunk_delta_rule_bwd (hand-written, uses the saved
-    T, W, S_n and V'). Gradients for q, k, v, beta, the initial state; a gradient into the final state is used."""
+    """Forward: chunk_delta_rule_fwd -> (o, final state, S_n [B, NT, H, DK, DV], V' [B, T, H, DV]). Backward:
+    triton_delta_bwd.chunk_delta_rule_bwd (hand-written, uses the saved T, W, S_n and V'). Gradients for q, k, v,
+    beta and the initial state; gradients into the final state, into any chunk state S_n and into any row of V' are
+    used (S_n and V' are differentiable outputs only with keep_states, which also stores S_n in fp32)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, scale, h0, output_final_state, chunk_size):
-        o, ht, (T_mat, w, h, v_new) = chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, chunk_size)
+    def forward(ctx, q, k, v, beta, scale, h0, output_final_state, chunk_size, keep_states):
+        o, ht, (T_mat, w, h, v_new) = chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, chunk_size,
+                                                           torch.float32 if keep_states else None)
         ctx.save_for_backward(q, k, v, beta, h0, T_mat, w, h, v_new)
         ctx.scale, ctx.chunk_size = scale, chunk_size
-        return o, ht
+        ctx.set_materialize_grads(False)  # unused outputs give None, not [B, NT, H, DK, DV] of zeros
+        if not keep_states:
+            ctx.mark_non_differentiable(h, v_new)
+        return o, ht, h, v_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dht):
+    def backward(ctx, do, dht, dh_states, dv_rows):
         from .triton_delta_bwd import chunk_delta_rule_bwd
         q, k, v, beta, h0, T_mat, w, h, v_new = ctx.saved_tensors
+        fp32 = lambda g: None if g is None else g.float().contiguous()
         dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
-            q, k, v, beta, ctx.scale, do.contiguous(), None if dht is None else dht.float().contiguous(),
-            T_mat, w, h, v_new, ctx.chunk_size, need_dh0=h0 is not None and ctx.needs_input_grad[5])
-        return dq, dk, dv, dbeta, None, dh0, None, None
+            q, k, v, beta, ctx.scale, torch.zeros_like(v) if do is None else do.contiguous(), fp32(dht),
+            T_mat, w, h, v_new, ctx.chunk_size, need_dh0=h0 is not None and ctx.needs_input_grad[5],
+            dh_states=fp32(dh_states), dv_rows=None if dv_rows is None else dv_rows.contiguous())
+        return dq, dk, dv, dbeta, None, dh0, None, None, None
 
 
 def triton_can_run(tensor):
@@ -241,11 +257,15 @@ def triton_can_run(tensor):
     return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted)
 
 
-def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
+                      snapshot_at=None):
     """Chunked delta rule, fla's chunk_delta_rule layout. q, k: [B, T, H, K] (already L2-normalised),
     v: [B, T, H, V], beta: [B, T, H], initial_state: [B, H, K, V] (any float dtype, used as fp32) or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None). Differentiable in q, k, v, beta
-    and initial_state. K, V <= 128; chunk_size in (16, 32, 64)."""
+    and initial_state. K, V <= 128; chunk_size in (16, 32, 64).
+    snapshot_at: None, LongTensor [B, P] of positions, or "defer"; when given, a third item as in
+    chunked_delta_rule: the states after those positions [B, P, H, K, V] fp32 (or a function positions -> them),
+    gathered from this pass's chunk states and V' rows (chunked.states_after) and differentiable like the rest."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton is not installed; use the torch chunked or recurrent delta rule instead")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -268,5 +288,10 @@ def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_fina
         raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
     scale = DK ** -0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # [B, H, K, V] fp32
-    return ChunkDeltaRuleFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), scale,
-                                        h0, output_final_state, chunk_size)
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    o, ht, h, v_new = ChunkDeltaRuleFunction.apply(q, k, v, beta, scale, h0, output_final_state, chunk_size,
+                                                   snapshot_at is not None)
+    if snapshot_at is None:
+        return o, ht
+    take = lambda positions: states_after(positions, h, k, v_new, chunk_size)  # [B, P] -> [B, P, H, K, V]
+    return o, ht, deliver_snapshots(snapshot_at, take, B, T)

@@ -1,10 +1,11 @@
 """Hand-written backward of the chunked delta rule (triton_delta.py): the forward steps 5, 4, 3-1 in reverse.
 
 Per chunk n (shapes [C, DK] for Q, K, W; [C, DV] for V, U, V', dO; [DK, DV] for states), with dS_{n+1} the
-gradient of the state leaving chunk n (dS_N = the gradient flowing into the final state, or 0):
+gradient of the state leaving chunk n (dS_N = the gradient flowing into the final state, or 0). With snapshots, S_n
+and V'_n are outputs too and bring gradients of their own from outside, G_n and G'_n (zero without snapshots):
   step 5 (O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)) and step 4 (V'_n = U_n - W_n S_n, S_{n+1} = S_n + K_n^T V'_n):
-    dV'_n = scale tril(Q_n K_n^T)^T dO_n + K_n dS_{n+1}          chunk_output_bwd_dv_kernel + chunk_state_pass_bwd
-    dS_n  = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n             chunk_state_pass_bwd (sequential, n = N-1 .. 0)
+    dV'_n = scale tril(Q_n K_n^T)^T dO_n + G'_n + K_n dS_{n+1}   chunk_output_bwd_dv_kernel + chunk_state_pass_bwd
+    dS_n  = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n + G_n       chunk_state_pass_bwd (sequential, n = N-1 .. 0)
     dP    = scale tril(dO_n V'_n^T)                               chunk_output_bwd_dqk
     dQ_n  = scale dO_n S_n^T + dP K_n,   dK_n = dP^T Q_n + V'_n dS_{n+1}^T,   dW_n = -dV'_n S_n^T,   dU_n = dV'_n
   steps 3-1 (W = T diag(beta) K, U = T diag(beta) V, T = (I + A)^-1, A = tril(diag(beta) K K^T, -1)):
@@ -21,10 +22,11 @@ from .triton_delta import block_sizes, launch_options, load_rows, load_tile, sto
 
 
 @triton.jit
-def chunk_output_bwd_dv_kernel(q, k, do, dv, scale, seq_len, H, DK: tl.constexpr, DV: tl.constexpr,
-                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Intra-chunk part of dV'_n = scale tril(Q_n K_n^T)^T dO_n, [BT, DV], for chunk program_id(0) of (b, h) =
-    program_id(1); written to dv [B, T, H, DV] (chunk_state_pass_bwd adds K_n dS_{n+1} in place)."""
+def chunk_output_bwd_dv_kernel(q, k, do, dv_rows, dv, scale, seq_len, H, DK: tl.constexpr, DV: tl.constexpr,
+                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DV_ROWS: tl.constexpr):
+    """Intra-chunk part of dV'_n = scale tril(Q_n K_n^T)^T dO_n + G'_n, [BT, DV], for chunk program_id(0) of
+    (b, h) = program_id(1); G'_n is read from dv_rows [B, T, H, DV] if HAS_DV_ROWS (a gradient into V' itself).
+    Written to dv [B, T, H, DV] (chunk_state_pass_bwd adds K_n dS_{n+1} in place)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     row0 = i_b.to(tl.int64) * seq_len * H + i_h
@@ -39,16 +41,19 @@ def chunk_output_bwd_dv_kernel(q, k, do, dv, scale, seq_len, H, DK: tl.constexpr
     for v0 in range(0, DV, BV):
         do_b = load_tile(do + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV]
         dv_b = scale * tl.dot(KQt.to(do_b.dtype), do_b)                          # [BT, BV]
+        if HAS_DV_ROWS:                                                          # + G'_n
+            dv_b += load_tile(dv_rows + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV).to(tl.float32)
         store_tile(dv + row0 * DV, dv_b, t0, seq_len, H * DV, v0, DV, BT, BV)
 
 
 @triton.jit
-def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh0, scale, seq_len, H, NT, DK: tl.constexpr,
+def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale, seq_len, H, NT, DK: tl.constexpr,
                                 DV: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-                                HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                                HAS_DHT: tl.constexpr, HAS_DH_STATES: tl.constexpr, STORE_DH0: tl.constexpr):
     """Reverse of step 4 for value columns [v0, v0 + BV) of (b, h) = program_id(1), sequential over n = NT-1 .. 0
     with dS [BKF, BV] in fp32:
-        dh[b, n, h] = dS_{n+1};   dV'_n += K_n dS_{n+1};   dS_n = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n.
+        dh[b, n, h] = dS_{n+1};   dV'_n += K_n dS_{n+1};   dS_n = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n + G_n,
+    G_n = dh_states[b, n, h] (fp32 [B, NT, H, DK, DV], the gradient into the chunk state S_n) if HAS_DH_STATES.
     dv holds the intra-chunk part on entry and the full dV' on exit. dht, dh0: [B, H, DK, DV] fp32."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -72,6 +77,9 @@ def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh0, scale, seq_len, H
         store_tile(dv + row0 * DV, dv_n, t0, seq_len, H * DV, v0, DV, BT, BV)
         dS += scale * tl.dot(tl.trans(q_n), do_n)                                # + scale Q_n^T dO_n
         dS -= tl.dot(tl.trans(w_n), dv_n.to(w_n.dtype))                          # - W_n^T dV'_n
+        if HAS_DH_STATES:                                                        # + G_n: now dS = dS_n
+            g_n = dh_states + ((i_b.to(tl.int64) * NT + n) * H + i_h) * DK * DV
+            dS += load_tile(g_n, 0, DK, DV, v0, DV, BKF, BV).to(tl.float32)
     if STORE_DH0:
         store_tile(dh0 + i_bh.to(tl.int64) * DK * DV, dS, 0, DK, DV, v0, DV, BKF, BV)
 
@@ -96,12 +104,12 @@ def chunk_output_bwd_dqk_kernel(q, k, v_new, do, dv, h, dh, dq, dk, dw, scale, s
         do_b = load_tile(do + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV]
         vn_b = load_tile(v_new + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)  # [BT, BV]
         dvn_b = load_tile(dv + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)    # [BT, BV]
-        S_b = load_tile(h + state, c0, DK, DV, v0, DV, BK, BV)                    # [BK, BV]
-        dS_b = load_tile(dh + state, c0, DK, DV, v0, DV, BK, BV)                  # [BK, BV]
+        S_b = load_tile(h + state, c0, DK, DV, v0, DV, BK, BV).to(do_b.dtype)      # [BK, BV] (fp32 if snapshots)
+        dS_b = load_tile(dh + state, c0, DK, DV, v0, DV, BK, BV).to(do_b.dtype)    # [BK, BV]
         dP += tl.dot(do_b, tl.trans(vn_b))                                       # dO_n V'_n^T
         dQ += tl.dot(do_b, tl.trans(S_b))                                        # dO_n S_n^T
         dK += tl.dot(vn_b, tl.trans(dS_b))                                       # V'_n dS_{n+1}^T
-        dW -= tl.dot(dvn_b.to(S_b.dtype), tl.trans(S_b))                         # -dV'_n S_n^T
+        dW -= tl.dot(dvn_b.to(do_b.dtype), tl.trans(S_b))                        # -dV'_n S_n^T
     rows = tl.arange(0, BT)
     dP = scale * tl.where(rows[:, None] >= rows[None, :], dP, 0.0)              # [BT, BT]
     q_b = load_tile(q + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)           # [BT, BK]
@@ -159,9 +167,11 @@ def wy_representation_bwd_kernel(k, v, beta, T_in, dw, du, dk_in, dk, dv, dbeta,
     tl.store(dbeta + row0 + r * H, db.to(dbeta.dtype.element_ty), mask=r < seq_len)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, need_dh0):
+def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, need_dh0, dh_states=None,
+                         dv_rows=None):
     """Gradients of the chunked delta rule. q, k [B, T, H, DK], v, do [B, T, H, DV], beta [B, T, H], dht
-    [B, H, DK, DV] fp32 or None; T_mat, w, h, v_new as saved by chunk_delta_rule_fwd.
+    [B, H, DK, DV] fp32 or None; T_mat, w, h, v_new as saved by chunk_delta_rule_fwd; dh_states [B, NT, H, DK, DV]
+    fp32 or None and dv_rows [B, T, H, DV] or None: gradients into the chunk states S_n and the rows of V'.
     Returns dq, dk, dv, dbeta (dtypes of the inputs) and dh0 [B, H, DK, DV] fp32 (None unless need_dh0)."""
     B, T, H, DK = q.shape
     DV = v.shape[-1]
@@ -169,14 +179,15 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, 
     BKF, BVF, BK, BV = block_sizes(DK, DV)
     opts = launch_options(q.dtype)
     dv_new = torch.empty_like(v)                                                 # dV' (intra part, then full)
-    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_new, scale, T, H, DK, DV, BT, BK, BV, **opts)
+    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_rows, dv_new, scale, T, H, DK, DV, BT, BK, BV,
+                                            HAS_DV_ROWS=dv_rows is not None, **opts)
 
     dh = torch.empty_like(h)                                                     # dS_{n+1} per chunk n
     dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32) if need_dh0 else None
     BVS = min(32, BVF)
     chunk_state_pass_bwd_kernel[(triton.cdiv(DV, BVS), B * H)](
-        q, k, w, do, dv_new, dh, dht, dh0, scale, T, H, NT, DK, DV, BT, BKF, BVS,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, **opts)
+        q, k, w, do, dv_new, dh, dht, dh_states, dh0, scale, T, H, NT, DK, DV, BT, BKF, BVS,
+        HAS_DHT=dht is not None, HAS_DH_STATES=dh_states is not None, STORE_DH0=need_dh0, **opts)
 
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     dk_state = torch.empty_like(k, dtype=torch.float32)

@@ -64,7 +64,7 @@ def test_round_trip_tied_embeddings(tmp_path):
 
 def test_dtype_and_overrides(tmp_path):
     save_pretrained(toy(TOY_DELTANET), tmp_path)
-    m = load_pretrained(tmp_path, dtype=torch.float64, chunk_size=4, delta_backend="chunked")
+    m = load_pretrained(tmp_path, dtype=torch.float64, chunk_size=4, delta_backend="torch")
     assert m.lm_head.weight.dtype == torch.float64 and m.config.chunk_size == 4
     hf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**hf, "torch_dtype": "bfloat16"}))

@@ -140,6 +140,29 @@ def test_document_styles_mq_mv_and_multi_token_values():
     assert text.endswith(f" What are all the codes for {needles[0][0]} ? " + " and ".join(v for _, v in needles) + " .")
 
 
+def test_value_length_ranges():
+    # an int keeps the original stream exactly; a range (lo, hi) draws each value's length from lo..hi
+    assert data.value_range(2) == (2, 2) and data.value_range((3, 6)) == (3, 6)
+    a = data.make_document(data.train_rng(0, 5), 120, WORD, n_needles=3, value_tokens=2)
+    assert a == data.make_document(data.train_rng(0, 5), 120, WORD, n_needles=3, value_tokens=(2, 2))
+    sizes = set()
+    for r in range(40):
+        ids, mask = data.make_document(data.train_rng(1, r), 256, WORD, n_needles=(1, 4), value_tokens=(3, 6),
+                                       styles=("S", "MQ", "MV"), return_mask=True)
+        text = WORD.decode(ids)
+        needles = NEEDLE.findall(text)
+        sizes |= {len(v.split()) for _, v in needles}
+        # the mask still marks exactly the answer values (in query order), whatever their lengths
+        answers = WORD.decode([t for t, m in zip(ids, mask) if m]).split()
+        assert sorted(answers) == sorted(w for _, v in needles for w in v.split())
+    assert sizes == {3, 4, 5, 6}
+    ex = data.make_niah_example(data.eval_rng(0, 0), "MK", 256, WORD, value_tokens=(3, 6))
+    assert 3 <= len(ex["answers"][0].split()) <= 6 and WORD.decode(ex["target_ids"]).split()[:-1] == \
+        ex["answers"][0].split()
+    with pytest.raises(ValueError, match="value_tokens"):
+        data.make_document(data.train_rng(0, 0), 120, WORD, value_tokens=(4, 3))
+
+
 def test_document_too_short_and_bad_style():
     with pytest.raises(ValueError, match=r"length_tokens=20 is too short for 2 needles .*needs at least 32"):
         data.make_document(data.train_rng(0, 0), 20, WORD, n_needles=2)   # 2 needles x 7 + 2 queries x 9 = 32

@@ -196,3 +196,36 @@ def test_sampling_uses_smoothed_entropy():
 def test_uniform_ignores_entropy():
     freqs = _within_chunk_freqs([0.0, 9.0, 0.0, 0.0], k=1, mode="uniform")
     torch.testing.assert_close(freqs, torch.full((4,), 0.25), atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------- select_positions: mode "answer"
+
+def test_answer_mode_picks_only_allowed_positions_by_entropy():
+    # allowed positions 30, 31, 60 of row 0; entropy 2.0 at 60 (smoothed with k=1: unchanged), 0 at 30, 31
+    H = torch.zeros(2, 80)
+    H[0, 60] = 2.0
+    allowed = torch.zeros(2, 80, dtype=torch.bool)
+    allowed[0, [30, 31, 60]] = True
+    t = select_positions(H[:1], N_DRAWS, k=1, mode="answer", margin=0, generator=torch.Generator().manual_seed(0),
+                         allowed=allowed[:1])
+    freq = torch.bincount(t[0], minlength=80).float() / N_DRAWS
+    p = torch.softmax(torch.tensor([0.0, 0.0, 2.0]), 0)               # [0.1065, 0.1065, 0.7870]
+    torch.testing.assert_close(freq[[30, 31, 60]], p, atol=TOL, rtol=0)
+    assert freq[[30, 31, 60]].sum().item() == pytest.approx(1.0)       # nothing else is ever picked
+    # row 1 has no allowed position: the chunked entropy draw, one position per chunk of its 40 real tokens
+    t = select_positions(H, 4, k=1, mode="answer", margin=0, lengths=[80, 40], allowed=allowed,
+                         generator=torch.Generator().manual_seed(0))
+    assert set(t[0].tolist()) <= {30, 31, 60} and (t[1] // 10).tolist() == [0, 1, 2, 3]
+
+
+def test_answer_mode_clamps_without_end_margin():
+    H = torch.zeros(1, 50)
+    allowed = torch.zeros(1, 50, dtype=torch.bool)
+    allowed[0, 47] = True                                             # t=47: start 48, 48 + k=5 > 50
+    t = select_positions(H, 3, k=5, mode="answer", margin=8, allowed=allowed)
+    assert t.tolist() == [[44, 44, 44]]                               # start clamped to L - k = 45, not L - 8
+    allowed[0, 40] = True
+    allowed[0, 47] = False
+    assert select_positions(H, 2, k=5, mode="answer", margin=8, allowed=allowed).tolist() == [[40, 40]]
+    with pytest.raises(ValueError, match="allowed"):
+        select_positions(H, 2, k=5, mode="answer")

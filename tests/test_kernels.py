@@ -1,4 +1,5 @@
-"""The chunked torch delta rule against the recurrent reference: values, final state, all five gradients."""
+"""The chunked torch delta rule against the recurrent reference: values, final state, all five gradients; and the
+snapshots (the state after chosen positions) of both, against the loop run over each prefix."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,20 +58,100 @@ def test_chunked_bf16_inputs():
         assert rel_rms(a, b) < 1e-2
 
 
-def test_snapshots_equal_prefix_final_states():
-    q, k, v, beta, s0 = make_inputs(2, 90, 2, 16, 16)
-    pos = torch.tensor([[0, 31, 32, 89], [5, 40, 63, 64]])
-    _, _, snaps = chunked_delta_rule(q, k, v, beta, initial_state=s0, chunk_size=32, snapshot_at=pos)
-    for b in range(2):
-        for p, t in enumerate(pos[b].tolist()):
+def prefix_states(q, k, v, beta, s0, positions):
+    """[B, P, H, K, V]: the final state of the recurrent loop run over tokens 0..t, t = positions[b, p]."""
+    rows = []
+    for b, row in enumerate(positions.tolist()):
+        for t in row:
             sl = slice(b, b + 1)
-            _, s = delta_rule(q[sl, :t + 1], k[sl, :t + 1], v[sl, :t + 1], beta[sl, :t + 1], initial_state=s0[sl],
-                              output_final_state=True, backend="recurrent")
-            torch.testing.assert_close(snaps[b, p], s[0], atol=2e-5, rtol=1e-5)
+            _, s = delta_rule(q[sl, :t + 1], k[sl, :t + 1], v[sl, :t + 1], beta[sl, :t + 1],
+                              initial_state=None if s0 is None else s0[sl], output_final_state=True,
+                              backend="recurrent")
+            rows.append(s[0])
+    return torch.stack(rows).view(*positions.shape, *rows[0].shape)
 
 
-def test_backend_errors():
+# t = 0, last / first rows of chunks (31, 32, 63, 64), inside (5, 40), T-1 = 89 in a partial chunk, a repeat
+POSITIONS = torch.tensor([[0, 31, 32, 89, 31], [5, 40, 63, 64, 89]])
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+@pytest.mark.parametrize("h0", [True, False])
+@pytest.mark.parametrize("defer", [False, True], ids=["direct", "deferred"])
+def test_snapshots_equal_prefix_final_states(backend, h0, defer):
+    """The state after position t from one pass equals the loop's state after t: values and the gradients of
+    q, k, v, beta, h0 through the snapshots and the output together."""
+    inputs = make_inputs(2, 90, 2, 16, 16, h0=h0)
+    q, k, v, beta, s0 = inputs
+    leaves = [t for t in inputs if t is not None]
+    g = torch.Generator().manual_seed(2)
+    do, ds = torch.randn(2, 90, 2, 16, generator=g), torch.randn(2, 5, 2, 16, 16, generator=g)
+    o, final, snaps = delta_rule(q, k, v, beta, initial_state=s0, backend=backend, chunk_size=32,
+                                 snapshot_at="defer" if defer else POSITIONS)
+    snaps = snaps(POSITIONS) if defer else snaps
+    assert final is None and snaps.shape == (2, 5, 2, 16, 16) and snaps.dtype == torch.float32
+    grads = torch.autograd.grad((o * do).sum() + (snaps * ds).sum(), leaves)
+    o_ref, _ = delta_rule(q, k, v, beta, initial_state=s0, backend="recurrent")
+    ref = prefix_states(q, k, v, beta, s0, POSITIONS)
+    ref_grads = torch.autograd.grad((o_ref * do).sum() + (ref * ds).sum(), leaves)
+    torch.testing.assert_close(snaps, ref, atol=2e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):  # dq, dk, dv, dbeta, (dh0)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+def test_snapshot_positions_are_checked(backend):
+    q, k, v, beta, _ = make_inputs(1, 10, 1, 16, 16, h0=False)
+    with pytest.raises(ValueError, match=r"lie in \[0, 9\]"):
+        delta_rule(q, k, v, beta, backend=backend, snapshot_at=torch.tensor([[10]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        delta_rule(q, k, v, beta, backend=backend, snapshot_at=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="'defer'"):
+        delta_rule(q, k, v, beta, backend=backend, snapshot_at="later")
+    _, _, take = delta_rule(q, k, v, beta, backend=backend, snapshot_at="defer")
+    with pytest.raises(ValueError, match="lie in"):
+        take(torch.tensor([[-1]]))
+    assert take(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, 1, 16, 16)
+
+
+def test_snapshots_run_in_fp32_under_autocast():
+    """bf16 autocast (as in training) leaves the delta rule and its snapshots in fp32."""
+    q, k, v, beta, _ = make_inputs(1, 40, 1, 16, 16, h0=False)
+    pos = torch.tensor([[7, 39]])
+    _, _, plain = delta_rule(q, k, v, beta, backend="torch", chunk_size=16, snapshot_at=pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, auto = delta_rule(q, k, v, beta, backend="torch", chunk_size=16, snapshot_at=pos)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain)
+
+
+def test_backend_errors(monkeypatch):
     x = torch.zeros(1)
     with pytest.raises(ValueError, match="choose one of"):
         resolve_backend("cuda-magic", x)
+    monkeypatch.delenv("REFINE_DELTA_BACKEND", raising=False)
     assert resolve_backend("auto", x) == "torch"  # CPU tensors never pick Triton
+    monkeypatch.setenv("REFINE_DELTA_BACKEND", "recurrent")
+    assert resolve_backend("auto", x) == "recurrent"  # the environment forces "auto" ...
+    assert resolve_backend("torch", x) == "torch"     # ... but not an explicit choice
+
+
+def test_model_snapshots_follow_the_forced_backend(monkeypatch):
+    """DeltaNet snapshots go through kernels.delta_rule: REFINE_DELTA_BACKEND=recurrent runs the loop (seen by a spy)
+    and gives the same states as the torch chunked path."""
+    import kernels
+    from model import FastWeightLM, ModelConfig
+    calls, loop = [], kernels.recurrent_delta_rule
+    monkeypatch.setattr(kernels, "recurrent_delta_rule", lambda *a: calls.append(a[-1]) or loop(*a))
+    x = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([[0, 20], [8, 9]])
+    states = []
+    for forced in ("torch", "recurrent"):
+        monkeypatch.setenv("REFINE_DELTA_BACKEND", forced)
+        torch.manual_seed(0)
+        model = FastWeightLM(ModelConfig(arch="deltanet", vocab_size=61, hidden_size=32, num_hidden_layers=2,
+                                         num_heads=2, chunk_size=8)).double()
+        states.append([s["S"] for s in model(x, snapshot_at=pos).snapshots])
+    assert calls == ["defer", "defer"]  # one deferred pass per layer, only when forced
+    for a, b in zip(*states):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

@@ -1,7 +1,7 @@
-"""train.py: presets, exact resume, data parallel equivalence, and one-line errors on bad input."""
+"""train.py: presets, help, phases, exact resume, one-line errors on bad input (data parallel: test_distributed.py)."""
+import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import config
-import train
+import step
 from model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,10 @@ def losses(out_dir):
     return [(r["step"], r["ntp_loss"], r["nsp_loss"]) for r in rows if "step" in r]
 
 
+def phases(out_dir):
+    return [json.loads(line).get("phase") for line in open(out_dir / "metrics.jsonl") if '"step"' in line]
+
+
 def test_every_preset_is_made_of_real_fields_and_builds_its_model():
     for name, (about, overrides) in config.PRESETS.items():
         cfg = config.TrainConfig(**overrides)  # a TypeError here would name an unknown key
@@ -44,44 +48,58 @@ def test_every_preset_is_made_of_real_fields_and_builds_its_model():
 
 @pytest.mark.parametrize("preset", ["toy", "toy-lact", "toy-sft"])
 def test_toy_presets_dry_run(preset, tmp_path):
-    code, out, err = run("--preset", preset, f"--out_dir={tmp_path}", "--max_steps=2", *TINY)
+    code, out, err = run("--preset", preset, f"--out_dir={tmp_path}", "--max_steps=2", *TINY)  # + 1 warm-up step
     assert code == 0, err
-    assert "step     2" in out and "validation: loss" in out
+    assert "step     3/3" in out and "validation: loss" in out
     assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "hf" / "config.json").exists()
     rows = losses(tmp_path)
-    assert len(rows) == 2 and all(r[1] > 0 for r in rows)
+    assert len(rows) == 3 and all(r[1] > 0 for r in rows)
+    objective = "sft" if preset == "toy-sft" else "refine"
+    assert phases(tmp_path) == ["warmup", objective, objective]
+    assert "step     1/3 warmup" in out and f"step     3/3 {objective}" in out
+
+
+def test_short_run_example_does_refine_steps(tmp_path):
+    """train.py's docstring example `--preset toy --max_steps=50 --lambda_rl=0.5` (here 2 steps after a 3-step
+    warm-up): max_steps counts REFINE steps, the warm-up comes on top, and the REFINE steps use lambda_rl."""
+    code, out, err = run("--preset", "toy", f"--out_dir={tmp_path}", *TINY, "--warmup_steps=3", "--max_steps=2",
+                         "--lambda_rl=0.5")
+    assert code == 0, err
+    assert phases(tmp_path) == ["warmup"] * 3 + ["refine"] * 2
+    assert "3 warm-up + 2 refine" in out
+    assert all(nsp == 0.0 for _, _, nsp in losses(tmp_path)[:3])
+    assert all(nsp != 0.0 for _, _, nsp in losses(tmp_path)[3:])
+
+
+def test_help_lists_every_field_with_default_and_meaning():
+    code, out, err = run("--help")
+    assert code == 0 and not err
+    assert all(name in out for name in config.PRESETS) and "python train.py --preset toy" in out
+    for f in dataclasses.fields(config.TrainConfig):
+        line = next((l for l in out.splitlines() if l.strip().startswith(f"--{f.name}=")), None)
+        assert line is not None, f.name
+        default, meaning = line.strip().split(None, 1)[0], line.strip().split(None, 1)[1:]
+        assert default == f"--{f.name}={f.default}" and meaning and meaning[0].strip(), line
+    assert run("-h")[1] == out
 
 
 def test_resume_is_exact(tmp_path):
-    """2 steps + checkpoint + --resume to 4 steps == 4 straight steps (losses of every step, bit for bit).
-    A constant lr: a cosine schedule depends on max_steps, which differs between the two runs by design."""
+    """2 warm-up steps + checkpoint, --resume into 1 REFINE step + checkpoint, --resume to 3 REFINE steps == the
+    straight run (losses of every step and the weights, bit for bit): resume across the warm-up boundary and
+    inside REFINE. A constant lr: a cosine schedule depends on the run's length, which differs by design."""
     a, b = tmp_path / "a", tmp_path / "b"
-    args = ["--preset", "toy", "--lr_schedule=constant", *TINY]
-    assert run(*args, f"--out_dir={a}", "--max_steps=4")[0] == 0
-    assert run(*args, f"--out_dir={b}", "--max_steps=2")[0] == 0
-    code, _, err = run(*args, f"--out_dir={b}", "--max_steps=4", "--resume")
-    assert code == 0, err
+    args = ["--preset", "toy", "--lr_schedule=constant", *TINY, "--warmup_steps=2"]
+    assert run(*args, f"--out_dir={a}", "--max_steps=3")[0] == 0
+    assert run(*args, f"--out_dir={b}", "--max_steps=0")[0] == 0
+    assert phases(b) == ["warmup", "warmup"]
+    for steps in (1, 3):
+        code, _, err = run(*args, f"--out_dir={b}", f"--max_steps={steps}", "--resume")
+        assert code == 0, err
+    assert phases(a) == phases(b) == ["warmup"] * 2 + ["refine"] * 3
     assert losses(a) == losses(b)
-    assert losses(a)[-1][2] != 0.0  # steps 2..4 were REFINE steps
+    assert losses(a)[-1][2] != 0.0  # steps 3..5 were REFINE steps
     sa, sb = torch.load(a / "ckpt.pt", weights_only=False)["model"], torch.load(b / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_two_processes_equal_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo), each half of the batch, gives the parameters of 1 process."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--preset", "toy", "--max_steps=2", "--micro_batch_size=2", "--device=cpu", *TINY]
-    assert run(*args, f"--out_dir={one}")[0] == 0
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(ROOT / "train.py"), *args, f"--out_dir={two}"], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
-    sa, sb = torch.load(one / "ckpt.pt", weights_only=False)["model"], torch.load(two / "ckpt.pt", weights_only=False)["model"]
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-5, msg=k)  # only the summation order differs
 
 
 @pytest.mark.parametrize("args,message", [
@@ -89,6 +107,9 @@ def test_two_processes_equal_one(tmp_path):
     (["--preset", "toy", "--colour=red"], "unknown config key 'colour'; valid keys: out_dir"),
     (["--preset", "toy", "--max_steps=ten"], "--max_steps='ten' is not a valid int"),
     (["--preset", "toy", "--n_chunks=0"], "--n_chunks must be a positive integer"),
+    (["--preset", "toy", "--warmup_steps=0", "--max_steps=0"], "not both 0"),
+    (["--preset", "toy", "--phase=pretrain"], "--phase=pretrain trains with next-token prediction only"),
+    (["--preset", "toy", "--parallel=zero"], "choose one of ddp, fsdp"),
     (["--preset", "toy", "--rollout_len=300"], "--rollout_len=300 does not fit"),
     (["--preset", "toy", "--reward=bleu"], "choose one of cosine, binary, hybrid"),
     (["--preset", "toy", "--answer_weight=1", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
@@ -172,10 +193,10 @@ def test_ppo_layout_matches_fused_step(mode):
                                "n_chunks": 2, "rollout_len": 3, "margin": 2, "lr": 0.0, "rollout_mode": mode})
     torch.manual_seed(0)
     model = build_model("toy-deltanet")
-    opt = train.make_optimizer(model, cfg)
+    opt = step.make_optimizer(model, cfg)
     batch = torch.randint(0, 256, (4, 49), generator=torch.Generator().manual_seed(0))
-    fused = train.train_step(model, opt, batch, cfg, 0, 0, 1, True)
-    ppo = train.train_step(model, opt, batch, config.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
+    fused = step.train_step(model, opt, batch, cfg, 0, 0, 1, True)
+    ppo = step.train_step(model, opt, batch, config.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
                                                                    "ppo_epochs": 2}), 0, 0, 1, True)
     assert torch.equal(torch.cat(fused["rewards"]), torch.cat(ppo["rewards"]))
     assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)

@@ -1,0 +1,64 @@
+"""bench.py: the command line (--help, the GPU benchmark's refusal without CUDA) and, on toy sizes on the CPU, every
+part of `python bench.py gpu` that does not need a GPU (kernel timings, NTP/REFINE step timing, the kernel-test run)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_help_names_the_benchmarks():
+    for flag in ("--help", "-h"):
+        run = run_bench(flag)
+        assert run.returncode == 0 and run.stderr == ""
+        for name in ("kernel", "decode", "refine", "all", "gpu"):
+            assert f"python bench.py {name}" in run.stdout, name
+
+
+def test_unknown_benchmark_is_a_one_line_error():
+    run = run_bench("fast")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "unknown benchmark 'fast'" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_benchmark_without_cuda_exits_2_with_one_line():
+    run = run_bench("gpu")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("bench.py gpu: error:") and "CUDA" in run.stderr
+
+
+def test_kernel_timings_on_toy_sizes(capsys):
+    times = bench.kernel_timings(1, 40, 2, 16, 16, torch.float32, "cpu", backends=("torch", "recurrent", "triton"),
+                                 repeat=1, n_snapshots=3)
+    out = capsys.readouterr().out
+    for name in ("torch", "recurrent"):
+        assert times[name, "fwd"] > 0 and times[name, "fwd_bwd"] > 0 and times[name, "snap"] > 0
+        assert f"cpu_{name}_fwd_bwd_with_3_snapshots_ms:" in out
+    if ("triton", "fwd") not in times:  # without the interpreter flag Triton cannot run on CPU: reported, skipped
+        assert "triton: cannot run here, skipped" in out
+
+
+def test_train_step_timing_on_a_toy_model(capsys):
+    results = bench.bench_train_steps("toy-deltanet", seq_len=48, device="cpu", repeat=1, dtype="float32",
+                                      n_chunks=2, rollout_len=2, margin=2)
+    out = capsys.readouterr().out
+    for name in ("ntp", "refine"):
+        assert results[name]["tokens_per_s"] > 0 and results[name]["peak_mem_gib"] is None
+        assert f"{name}_tokens_per_s:" in out
+    assert "snapshot_delta_backend: torch" in out and "refine_over_ntp_step:" in out
+
+
+def test_kernel_test_run_reports_the_summary(capsys):
+    assert bench.run_kernel_tests(["-k", "rejects_bad_input"])
+    assert "kernel_tests: 1 passed" in capsys.readouterr().out
