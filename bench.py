@@ -179,7 +179,7 @@ def bench_refine():
 
 
 def step_throughput(model, cfg, batch, use_refine, repeat=2, warmup=1):
-    """Time train.train_step on batch [B, T+1] (REFINE if use_refine, else NTP) with a fresh AdamW.
+    """Time step.train_step on batch [B, T+1] (REFINE if use_refine, else NTP) with a fresh AdamW.
     -> dict(step_ms, tokens_per_s (the B*T input tokens), peak_mem_gib: torch.cuda.max_memory_allocated over the
     timed steps, weights, gradients and optimiser state included; None off CUDA)."""
     from step import make_optimizer, train_step

@@ -19,7 +19,7 @@ import torch
 
 import config
 import data
-import train
+import step
 from grpo import ntp_loss, policy_loss, rollout_advantages
 from reward import binary_reward, cosine_reward, compute_reward
 from rollout import collect_rollouts, logprobs_from_snapshots
@@ -58,7 +58,7 @@ def signal(model, batches, cfg, tok, seed=0):
     cat_all, cat_sel, cos_all, bin_all, adv_all, zero, g_nsp, g_ntp, g_cos = [], [], [], [], [], [], [], [], []
     for i, batch in enumerate(batches):
         x, y = batch[:, :-1], batch[:, 1:]                               # [B, T] inputs and next-token targets
-        allowed = train.answer_mask(x, y, tok.name) if cfg.select_mode == "answer" else None
+        allowed = step.answer_mask(x, y, tok.name) if cfg.select_mode == "answer" else None
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         out, ro = collect_rollouts(model, x, cfg, gen, allowed=allowed)  # with grad: the training forward
         cats = token_categories(x, tok)                                  # [B, T]

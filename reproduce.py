@@ -45,6 +45,7 @@ import data
 import diagnose
 import evaluate
 import experiments
+import step
 import train
 from checkpoint import load_pretrained
 from report import markdown, plot, summary, update_readme
@@ -79,7 +80,7 @@ def parse(argv):
     p.add_argument("--base_check", type=int, default=25, help="base steps between recall checks")
     p.add_argument("--base_max", type=int, default=1500, help="base steps at most")
     p.add_argument("--base_eval", type=int, default=64, help="prompts per variant in a base recall check")
-    p.add_argument("--mid_steps", type=int, default=500)
+    p.add_argument("--mid_steps", type=int, default=400)
     p.add_argument("--mid_seq_len", type=int, default=256)
     p.add_argument("--mid_batch", type=int, default=16)
     p.add_argument("--mid_lr", type=float, default=1e-3)
@@ -132,7 +133,7 @@ def validation(model, tok, seq_len, n_batches, value_tokens=2):
     nll, hits, count = 0.0, 0, 0
     for batch in batches:
         x, y = batch[:, :-1], batch[:, 1:]
-        mask = train.answer_mask(x, y, tok.name)                                 # [16, T] answer values
+        mask = step.answer_mask(x, y, tok.name)                                 # [16, T] answer values
         logits = model(x).logits                                                 # [16, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         nll, count = nll + ce[mask].sum().item(), count + int(mask.sum())
@@ -244,7 +245,7 @@ def ttt_task(hf_dir, lambda_rl, n, steps, lr, length):
     tok = data.get_tokenizer("word")
     cfg = config.TrainConfig(reward="binary", lambda_rl=lambda_rl, lambda_sft=1.0, n_chunks=8, rollout_len=5,
                             n_rollouts=1, margin=8, lr=lr, eos_id=tok.eos_id)
-    opt = train.make_optimizer(model, cfg)
+    opt = step.make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(TTT_SEED)
     out = {}
     for v in VARIANTS:
@@ -258,7 +259,7 @@ def ttt_task(hf_dir, lambda_rl, n, steps, lr, length):
 
 
 def job_order(job):
-    """Sort key, longest jobs first so that the pool's tail stays short: the 500-step REFINE runs and test-time
+    """Sort key, longest jobs first so that the pool's tail stays short: the mid-training REFINE runs and test-time
     training, then the other runs, then the base evaluations (a stable sort keeps the order within each)."""
     name, _, fn, _ = job
     if fn is base_eval_task:

@@ -32,7 +32,7 @@ from config import PRESETS, parse_args, usage
 from evaluate import eval_niah, eval_validation, format_table
 from model import MODEL_PRESETS, build_model
 from phases import run_phase
-from step import answer_mask, lr_at, make_optimizer, train_step  # noqa: F401 (answer_mask: reproduce.py)
+from step import lr_at, make_optimizer, train_step
 
 
 # ------------------------------------------------------------------------------------------ setup
