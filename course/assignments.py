@@ -124,7 +124,7 @@ ASSIGNMENTS = (
         "return Rollouts with the tokens, their log-probs, hidden states and the ground truth (ground_truth).", 2,
         (C + "test_sample_from_snapshots_equals_reforward",), needs=MODEL),
     Assignment(
-        "logprobs_from_snapshots", "rollout.py", "REFINE sec. 3 step 4: teacher-forced log pi(rollout | prefix)",
+        "logprobs_from_snapshots", "rollout.py", "REFINE sec. 3 step 4: teacher-forced log-probs of the rollout tokens",
         "Log-probs [N, k] of the given tokens at `temperature`: the first from the full pass's logits at the "
         "positions, the others from k - 1 decoding steps starting at the (differentiable) snapshots; gradients reach "
         "the whole forward.", 2,

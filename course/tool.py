@@ -39,7 +39,11 @@ def repo_files(root):
                              capture_output=True, text=True, check=True).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         out = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
-    return sorted(f for f in out if f and not SKIP_DIRS & set(Path(f).parts[:-1]) and (root / f).is_file())
+
+    def kept(f):  # not under .git, results/, out/, out-*/ or a cache
+        dirs = Path(f).parts[:-1]
+        return not SKIP_DIRS & set(dirs) and not any(d.startswith("out-") for d in dirs) and (root / f).is_file()
+    return sorted(f for f in out if f and kept(f))
 
 
 def copy_files(src, dst, files):
@@ -91,7 +95,7 @@ def stub(src, node, a, fn, why=None):
     keep_to = node.body[0].end_lineno if has_docstring(node) else node.body[0].lineno - 1
     pad = " " * node.body[0].col_offset
     if fn == a.name:
-        note = f"Assignment {a.name} ({a.paper}): {a.todo}"
+        note = f"Assignment {a.name}: {a.paper}. {a.todo}"
         msg = f"assignment {a.name}"
     else:
         note = f"Part of assignment {a.name}: a helper of {a.name}; implement it, or do the work in {a.name}."
@@ -180,6 +184,10 @@ def first_line(element):
     return ("skipped: " if element.tag == "skipped" else "") + (line[:157] + "..." if len(line) > 160 else line)
 
 
+def plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def matches(node_id, selector):
     return node_id == selector or node_id.startswith(selector + "[")
 
@@ -208,7 +216,7 @@ def cmd_list(_args):
             files.setdefault(file, {}).setdefault(name, []).extend([param[:-1]] if param else [])
         graded = "; ".join(f + "::" + ", ".join(n + (f"[{'|'.join(ps)}]" if ps else "") for n, ps in tests.items())
                            for f, tests in files.items())
-        print(f"{a.name}  {a.file}  {a.paper}  {a.points} point{'s' * (a.points > 1)}  graded by: {graded}"
+        print(f"{a.name}  {a.file}  {a.paper}  {plural(a.points, 'point')}  graded by: {graded}"
               + (f"  needs: {', '.join(a.needs)}" if a.needs else ""))
     print(f"{len(ASSIGNMENTS)} assignments, {sum(a.points for a in ASSIGNMENTS)} points; test ids: "
           "course/assignments.py")
@@ -232,15 +240,16 @@ def cmd_make(args):
         (dst / file).write_text(src)
     (dst / ASSIGNED).write_text("".join(f"{a.name}\n" for a in picked))
     (dst / "ASSIGNMENTS.md").write_text(assignments_md(picked))
-    print(f"wrote {args.dir}: {len(picked)} assignments ({sum(a.points for a in picked)} points) blanked; "
+    print(f"wrote {args.dir}: {plural(len(picked), 'assignment')} ({plural(sum(a.points for a in picked), 'point')}) blanked; "
           f"instructions in {args.dir}/ASSIGNMENTS.md; grade with: cd {args.dir} && python course.py grade")
     return 0
 
 
 def assignments_md(picked):
-    rows = "".join(f"| `{a.name}` | `{a.file}` | {a.paper} | {a.points} | {', '.join(a.needs) or '-'} |\n"
-                   for a in picked)
-    parts = "".join(f"\n### `{a.name}` ({a.points} point{'s' * (a.points > 1)})\n\n{a.todo}\n\nGraded by: "
+    names = {a.name for a in picked}
+    rows = "".join(f"| `{a.name}` | `{a.file}` | {a.paper} | {a.points} | "
+                   f"{', '.join(n for n in a.needs if n in names) or '-'} |\n" for a in picked)
+    parts = "".join(f"\n### `{a.name}` ({plural(a.points, 'point')})\n\n{a.todo}\n\nGraded by: "
                     + ", ".join(f"`{t}`" for t in a.tests) + "\n" for a in picked)
     return f"""# Assignments
 
