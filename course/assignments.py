@@ -33,7 +33,8 @@ MODEL = ("recurrent_delta_rule", "chunked_delta_rule", "fast_weight_update")  # 
 
 ASSIGNMENTS = (
     Assignment(
-        "recurrent_delta_rule", "kernels/recurrent.py", "DeltaNet delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T",
+        "recurrent_delta_rule", "kernels/recurrent.py",
+        "DeltaNet delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T",
         "Loop over time: v'_t = beta_t (v_t - S_{t-1}^T k_t), S_t = S_{t-1} + k_t v'_t^T, o_t = S_t^T (scale q_t), "
         "scale = K^-0.5 by default, S_0 = initial_state or 0, in fp32; snapshots: the state after the given "
         "positions, handed out through chunked.deliver_snapshots.", 2,
@@ -41,7 +42,8 @@ ASSIGNMENTS = (
          *(SNAP.format(p) for p in ("direct-True-recurrent", "direct-False-recurrent", "deferred-True-recurrent",
                                     "deferred-False-recurrent")))),
     Assignment(
-        "chunked_delta_rule", "kernels/chunked.py", "DeltaNet chunkwise WY/UT form (Yang et al. 2024; steps 1-5 of the file's docstring)",
+        "chunked_delta_rule", "kernels/chunked.py",
+        "DeltaNet chunkwise WY/UT form (Yang et al. 2024; steps 1-5 of the file's docstring)",
         "Per chunk of C tokens: A = tril(diag(beta) K K^T, -1), T = (I + A)^-1, W = T diag(beta) K, U = T diag(beta) "
         "V, V'_n = U_n - W_n S_n, O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n), S_{n+1} = S_n + K_n^T V'_n; pad T to "
         "a multiple of C; snapshots from the chunk states and V' with states_after.", 3,

@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 from course.assignments import ASSIGNMENTS, BY_NAME
+from course.pick import wanted
 
 MUTANTS = {
     "recurrent_delta_rule": [
@@ -227,7 +228,7 @@ class Runner:
         ids = {item: f"{item.path.relative_to(self.root).as_posix()}::{item.name}" for item in session.items}
         for name in self.names:
             a = BY_NAME[name]
-            items = [it for it, i in ids.items() if any(i == s or i.startswith(s + "[") for s in a.tests)]
+            items = [it for it, i in ids.items() if wanted(i, a.tests)]
             broken = [ids[it] for it in items if failed(it)]
             if broken or not items:
                 self.report(False, f"BROKEN  {name}: the reference fails {broken or 'no tests collected'}")

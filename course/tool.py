@@ -8,6 +8,7 @@ BASE (the default, and what a student runs inside a copy) the tests run once, on
 import argparse
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from course.assignments import ASSIGNMENTS, BY_NAME
+from course.pick import wanted
 
 BASE = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "results", "out", "__pycache__", ".pytest_cache"}
@@ -150,10 +152,11 @@ def run_tests(root, selectors):
     that collected nothing maps to the reason (e.g. its test file does not import)."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-               "-o", "junit_family=xunit1", f"--junitxml={xml}", *selectors]
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        files = dict.fromkeys(s.split("::")[0] for s in selectors)       # course.pick keeps the selected tests
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "course.pick", f"--rootdir={root}",
+               "--continue-on-collection-errors", "-o", "junit_family=xunit1", f"--junitxml={xml}", *files]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "COURSE_TESTS": "\n".join(selectors)}
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
         if not xml.exists():
             tail = (proc.stdout + proc.stderr).strip().splitlines()
             return {s: "pytest did not run: " + (tail[-1] if tail else f"exit {proc.returncode}") for s in selectors}
@@ -179,7 +182,9 @@ def first_line(element):
     text = (element.get("message") or "").strip()
     if not text or text == "collection failure":
         lines = [ln[1:].strip() for ln in (element.text or "").splitlines() if ln.startswith("E ")]
-        text = lines[-1] if lines else text or element.tag
+        where = [m.groups() for m in map(re.compile(r'File "(.+)", line (\d+)').search, lines) if m]
+        text = (lines[-1] if lines else text or element.tag) + (
+            f" ({Path(where[-1][0]).name} line {where[-1][1]})" if where else "")
     line = text.splitlines()[0] if text else element.tag
     return ("skipped: " if element.tag == "skipped" else "") + (line[:157] + "..." if len(line) > 160 else line)
 
@@ -189,7 +194,7 @@ def plural(n, word):
 
 
 def matches(node_id, selector):
-    return node_id == selector or node_id.startswith(selector + "[")
+    return wanted(node_id, [selector])
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -240,7 +245,8 @@ def cmd_make(args):
         (dst / file).write_text(src)
     (dst / ASSIGNED).write_text("".join(f"{a.name}\n" for a in picked))
     (dst / "ASSIGNMENTS.md").write_text(assignments_md(picked))
-    print(f"wrote {args.dir}: {plural(len(picked), 'assignment')} ({plural(sum(a.points for a in picked), 'point')}) blanked; "
+    points = plural(sum(a.points for a in picked), "point")
+    print(f"wrote {args.dir}: {plural(len(picked), 'assignment')} ({points}) blanked; "
           f"instructions in {args.dir}/ASSIGNMENTS.md; grade with: cd {args.dir} && python course.py grade")
     return 0
 
@@ -271,7 +277,7 @@ with every other function taken from the full repository.
 def cmd_grade(args):
     folder = Path(args.dir).resolve() if args.dir else BASE
     if not folder.is_dir():
-        raise Bad(f"{args.dir} is not a folder; give a copy made by `python course.py make DIR` (or nothing: this repo)")
+        raise Bad(f"{args.dir} is not a folder; give a copy made by `python course.py make DIR`, or none for this repo")
     picked = chosen(args.only, folder)
     missing = [a.file for a in picked if not (folder / a.file).is_file()]
     if missing:

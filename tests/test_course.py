@@ -2,6 +2,7 @@
 student copy that works except for the blanked functions; `grade` scores one assignment at a time, in isolation when
 it grades another folder; bad input is a one-line error with exit status 2."""
 import ast
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 
 from course.assignments import ASSIGNMENTS, BY_NAME
 from course.mutants import MUTANTS
-from course.tool import find_function, is_stub, main, splice
+from course.tool import find_function, is_stub, main, run_tests, splice
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"recurrent_delta_rule", "chunked_delta_rule", "token_entropy", "smooth_entropy", "select_positions",
@@ -100,6 +101,19 @@ def test_splice_takes_the_students_function_and_imports_or_says_why():
                      ("def token_entropy(:\n", "entropy.py does not parse")]:
         out = splice(base, src, a)
         assert is_stub(out, "token_entropy") and why in out
+
+
+def test_a_test_file_that_does_not_import_leaves_the_others_running(tmp_path):
+    """pytest stops a whole run when a node id on its command line cannot be collected; the grader must not."""
+    shutil.copytree(ROOT / "course", tmp_path / "course", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests/test_a.py").write_text("import broken\n\n\ndef test_a():\n    pass\n")
+    (tmp_path / "tests/test_b.py").write_text("import pytest\n\n\n@pytest.mark.parametrize('x', [1, 2])\n"
+                                              "def test_b(x):\n    assert x == 1\n\n\ndef test_other():\n    pass\n")
+    results = run_tests(tmp_path, ["tests/test_a.py::test_a", "tests/test_b.py::test_b"])
+    assert results == {"tests/test_a.py::test_a": "not collected: SyntaxError: invalid syntax (broken.py line 1)",
+                       "tests/test_b.py::test_b[1]": None, "tests/test_b.py::test_b[2]": "assert 2 == 1"}
 
 
 @pytest.mark.parametrize("args, message", [
