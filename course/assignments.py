@@ -29,7 +29,7 @@ K, E, R, G, L = "tests/test_kernels.py::", "tests/test_entropy.py::", "tests/tes
     "tests/test_grpo.py::", "tests/test_lact.py::"
 C = "tests/test_course_grading.py::"
 SNAP = K + "test_snapshots_equal_prefix_final_states[{}]"
-MODEL = ("recurrent_delta_rule", "chunked_delta_rule", "fast_weight_update")  # what the tiny models run on
+MODEL = ("recurrent_delta_rule", "chunked_delta_rule", "swiglu_inner_grads", "fast_weight_update")  # what the tiny models run on
 
 ASSIGNMENTS = (
     Assignment(
@@ -132,18 +132,29 @@ ASSIGNMENTS = (
         "the whole forward.", 2,
         (C + "test_logprobs_from_snapshots_equal_reforward",), needs=MODEL),
     Assignment(
+        "swiglu_inner_grads", "lact.py", "LaCT inner loss L = -sum_t eta_t <v_t, f(k_t)>, f = SwiGLU: hand gradients",
+        "With g = W0 k, u = W2 k, h = silu(g) * u, delta = W1^T v: dW1 = sum eta1 v h^T, dW0 = sum eta0 (delta * u * "
+        "silu'(g)) k^T, dW2 = sum eta2 (delta * silu(g)) k^T (the update directions -dL/dW, summed over the chunk).", 2,
+        (L + "test_hand_inner_gradients_equal_autograd", L + "test_forward_matches_reference_layer_and_step")),
+    Assignment(
         "fast_weight_update", "lact.py", "LaCT chunk update: momentum, Muon, W + dW, row renormalisation",
         "dW = swiglu_inner_grads(W, k, v, lr); with momentum: dW <- dW + mean(gate over the chunk) M, M <- dW; with "
         "Muon: dW <- newton_schulz5(dW); W <- W + dW; each row rescaled to the initial row norm: "
         "W / (||W_row|| + 1e-5) * norm.", 2,
         (L + "test_fast_weight_update_hand_example", L + "test_forward_matches_reference_layer_and_step",
          L + "test_forward_gradients_match_reference_layer"),
-        needs=("newton_schulz5",)),
+        needs=("swiglu_inner_grads", "newton_schulz5")),
     Assignment(
         "newton_schulz5", "lact.py", "Muon: five quintic Newton-Schulz steps (NS_COEFFS)",
         "X = G / (||G||_F + 1e-7) (transposed when m > n), then for (a, b, c) in NS_COEFFS: A = X X^T, "
         "X = a X + (b A + c A A) X; computed in `dtype`, returned in g's dtype.", 1,
         (L + "test_newton_schulz",)),
+    Assignment(
+        "qa_f1_score", "metrics.py", "LongBench / SQuAD token F1 (REFINE sec. 5 evaluation)",
+        "F1 of the bags of words of normalize_answer(prediction) and normalize_answer(ground_truth): shared tokens "
+        "with counts clipped (Counter &), P = shared / len(pred), R = shared / len(gold), F1 = 2PR / (P + R), 0 when "
+        "nothing is shared.", 1,
+        ("tests/test_metrics.py::test_qa_f1_hand_computed",)),
 )
 
 BY_NAME = {a.name: a for a in ASSIGNMENTS}

@@ -159,6 +159,18 @@ MUTANTS = {
         ("logprobs_from_snapshots", "the state not advanced between tokens",
          "state, logits = step.state, step.logits[:, 0]", "logits = step.logits[:, 0]"),
     ],
+    "swiglu_inner_grads": [
+        ("swiglu_inner_grads", "sigmoid(g) instead of silu'(g)", "(delta * u * silu_grad(g))",
+         "(delta * u * torch.sigmoid(g))"),
+        ("swiglu_inner_grads", "the gate u missing in dW0", "(delta * u * silu_grad(g))", "(delta * silu_grad(g))"),
+        ("swiglu_inner_grads", "learning rates of W0 and W2 swapped",
+         "lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]",
+         "lr2, lr1, lr0 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]"),
+        ("swiglu_inner_grads", "the sign of dW1 flipped (a step up the inner loss)",
+         "dw1 = vt @ (h.transpose(-1, -2) * lr1)", "dw1 = -vt @ (h.transpose(-1, -2) * lr1)"),
+        ("swiglu_inner_grads", "silu(g) instead of silu(g) * u in dW1", "dw1 = vt @ (h.transpose(-1, -2) * lr1)",
+         "dw1 = vt @ (sg.transpose(-1, -2) * lr1)"),
+    ],
     "fast_weight_update": [
         ("fast_weight_update", "the momentum gate of the last token instead of the chunk mean",
          "beta = gate.mean(-2)[..., None]", "beta = gate[..., -1:, :]"),
@@ -180,6 +192,17 @@ MUTANTS = {
         ("newton_schulz5", "result left in the compute dtype", "return x.to(g.dtype)", "return x"),
         ("newton_schulz5", "A = X^T X (the wrong side)", "A = x @ x.transpose(-1, -2)",
          "A = x.transpose(-1, -2) @ x"),
+    ],
+    "qa_f1_score": [
+        ("qa_f1_score", "no normalisation (case, punctuation, articles count)",
+         "pred_tokens = normalize_answer(prediction).split()", "pred_tokens = prediction.split()"),
+        ("qa_f1_score", "counts not clipped: a repeated word counts every time",
+         "sum((Counter(pred_tokens) & Counter(gold_tokens)).values())",
+         "sum(c for t, c in Counter(pred_tokens).items() if t in gold_tokens)"),
+        ("qa_f1_score", "precision only", "return 2 * precision * recall / (precision + recall)",
+         "return precision"),
+        ("qa_f1_score", "the arithmetic mean of P and R", "return 2 * precision * recall / (precision + recall)",
+         "return (precision + recall) / 2"),
     ],
 }
 
