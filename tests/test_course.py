@@ -36,6 +36,11 @@ def test_table_names_functions_tests_and_wrong_versions():
         assert len(MUTANTS[a.name]) >= 3, a.name
         assert {m[0] for m in MUTANTS[a.name]} <= set(a.blanked), a.name
         assert all((ROOT / t.split("::")[0]).is_file() for t in a.tests), a.name
+    done = set()  # a student can finish them in some order: "needs" has no cycle
+    while len(done) < len(ASSIGNMENTS):
+        ready = {a.name for a in ASSIGNMENTS if a.name not in done and set(a.needs) <= done}
+        assert ready, f"cycle in needs among {set(BY_NAME) - done}"
+        done |= ready
 
 
 def test_every_wrong_implementation_is_caught():
