@@ -84,10 +84,9 @@ def test_grading_another_folder_isolates_each_assignment(tmp_path):
     assert main(["make", str(dst), "--only", "cosine_reward,hybrid_reward"]) == 0
     solved = splice((dst / "reward.py").read_text(), (ROOT / "reward.py").read_text(), BY_NAME["hybrid_reward"])
     (dst / "reward.py").write_text(solved)
-    rc, out, _ = course("grade", str(dst))
-    assert rc == 1, out
-    assert out[0] == "cosine_reward  0/3  0/1 points" and "hybrid_reward  3/3  1/1 points" in out
-    assert out[-1] == "score: 1/2"
+    assert is_stub((dst / "reward.py").read_text(), "cosine_reward")
+    rc, out, _ = course("grade", str(dst), "--only", "hybrid_reward")
+    assert (rc, out) == (0, ["hybrid_reward  3/3  1/1 points", "score: 1/1"])
 
 
 def test_grade_the_repository_scores_full_marks():
