@@ -454,15 +454,17 @@ class TextData:
             self._cached = (epoch, stream[start:start + used])
         return self._cached[1]
 
-    def get_batch(self, batch_size):
-        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:])."""
+    def get_batch(self, batch_size, with_mask=False):
+        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), files
+        mark no answers."""
         L, rows = self.seq_len + 1, []
         for _ in range(batch_size):
             if self.window == self.windows_per_epoch:
                 self.epoch, self.window = self.epoch + 1, 0
             rows.append(self._stream(self.epoch)[self.window * L:(self.window + 1) * L])
             self.window += 1
-        return torch.from_numpy(np.stack(rows))   # [B, seq_len + 1]
+        batch = torch.from_numpy(np.stack(rows))   # [B, seq_len + 1]
+        return (batch, None) if with_mask else batch
 
     def state_dict(self):
         return {"seed": self.seed, "epoch": self.epoch, "window": self.window}

@@ -32,6 +32,7 @@ from config import PRESETS, parse_args, usage
 from evaluate import eval_niah, eval_validation, format_table
 from model import MODEL_PRESETS, build_model
 from phases import run_phase
+from plot import plot_run
 from step import lr_at, make_optimizer, train_step
 
 
@@ -89,8 +90,8 @@ def load_data(cfg, tok, seq_len):
         needles = (min(cfg.min_needles, fit), min(cfg.n_needles, fit))
         return datalib.SyntheticData(tok, seq_len, cfg.seed, needles, values[0] if values[0] == values[1] else values,
                                      styles)
-    if cfg.answer_weight != 1.0:
-        raise ValueError("--answer_weight needs --data=synthetic (it up-weights the synthetic answers)")
+    if cfg.answer_weight != 1.0 or cfg.select_mode == "answer":
+        raise ValueError("--answer_weight and --select_mode=answer need --data=synthetic (its batches mark answers)")
     return datalib.TextData(cfg.data, tok, seq_len, cfg.seed)
 
 
@@ -196,11 +197,13 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
         phase = phase_of(step, cfg)
         source = warm if phase == "warmup" else data
         B = (cfg.warmup_batch_size or cfg.batch_size) if phase == "warmup" else cfg.batch_size
-        batch = source.get_batch(B)[rank * (B // world):(rank + 1) * (B // world)].to(device)
+        rows = slice(rank * (B // world), (rank + 1) * (B // world))   # this process's share of the batch
+        batch, answers = source.get_batch(B, with_mask=True)             # answers: synthetic data only
+        batch, answers = batch[rows].to(device), None if answers is None else answers[rows, 1:].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         t = time.time()
-        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine")
+        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine", answers=answers)
         if stats is None:
             bad += 1
             if master:
@@ -246,6 +249,7 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
     final_evaluation(core, tok, val, cfg, log)
     if master:
         log.close()
+        print(f"learning curves: {plot_run(cfg.out_dir)['path']} (python plot.py {cfg.out_dir} redraws them)")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
