@@ -50,15 +50,8 @@ def gradient_sync(model, sync):
         yield
 
 
-def rollout_generator(cfg, step, micro_index, device):
-    """Selection and sampling randomness seeded by (seed, step, global micro-batch): identical whatever the number
-    of processes, and exact on resume."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed * 1_000_003 + step * 10_007 + micro_index)
-    return gen
-
-
-def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None, answers=None):
+def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None, answers=None,
+               generator=None):
     """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, one AdamW step per PPO mini-batch and
     epoch. model: the FastWeightLM, or with several processes its DistributedDataParallel / FSDP2 wrapper, which
     reduces the gradients during the backward (every call, decoding included, goes through it). Losses are
@@ -66,7 +59,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     micro-batches. lengths [B]: real tokens of right-padded rows;
     target_mask [B, T]: which next-token targets count (default: those of real tokens); answers [B, T]: the targets
     the data source marks as answers (synthetic data), weighted answer_weight in the NTP loss and the positions
-    before which select_mode "answer" may start a rollout.
+    before which select_mode "answer" may start a rollout. generator: the selection and sampling randomness (default:
+    seeded by seed, step and global micro-batch, so the same whatever the number of processes, and on resume).
     With one mini-batch and one epoch (the toy presets) the rollout forward IS the training forward: one pass gives
     the NTP loss, the entropies, h_gt and the differentiable snapshots. Otherwise (the paper's presets: batch 128,
     mini-batches of 32) the whole batch is sampled first without grad, as in PPO, and each mini-batch update
@@ -85,7 +79,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     fused = mini == B and epochs == 1
 
     def sample(j):  # steps 1-3 for the micro-batch at row j: (LMOutput, rollouts, advantages)
-        gen = rollout_generator(cfg, step, (rank * B + j) // micro, device)
+        gen = generator or torch.Generator(device=device).manual_seed(
+            cfg.seed * 1_000_003 + step * 10_007 + (rank * B + j) // micro)
         lens = None if lengths is None else lengths[j:j + micro] - 1
         allowed = None if answers is None else answers[j:j + micro]   # [micro, T] for select_mode "answer"
         out, ro = collect_rollouts(model, x_all[j:j + micro], cfg, gen, lens, cfg.rollout_mode, allowed)

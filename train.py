@@ -27,9 +27,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datalib
-from checkpoint import load_pretrained, load_tokenizer, load_training, save_pretrained, save_training
+from checkpoint import load_training, save_pretrained, save_training
 from config import PRESETS, parse_args, usage
-from evaluate import eval_niah, eval_validation, format_table
+from evaluate import eval_niah, eval_validation, format_table, load_checkpoint
 from model import MODEL_PRESETS, build_model
 from phases import run_phase
 from plot import plot_run
@@ -57,14 +57,7 @@ def setup_distributed(cfg):
 def load_model(cfg, device):
     """A fresh model from a preset, or the weights of --init_from, and its tokenizer."""
     if cfg.init_from:
-        folder = cfg.init_from
-        if os.path.isdir(os.path.join(folder, "hf")):
-            folder = os.path.join(folder, "hf")
-        model = load_pretrained(folder, device=device)
-        with open(os.path.join(folder, "config.json")) as f:
-            name = json.load(f).get("tokenizer")
-        tok = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) else \
-            datalib.get_tokenizer(name or cfg.tokenizer)
+        model, tok, _ = load_checkpoint(cfg.init_from, cfg.tokenizer, device=device)
     else:
         tok = datalib.get_tokenizer(cfg.tokenizer)
         preset = MODEL_PRESETS[cfg.model]
@@ -96,10 +89,8 @@ def load_data(cfg, tok, seq_len):
 
 
 def parallelize(model, cfg, world, device):
-    """Several processes: torch's data-parallel engines. ddp: DistributedDataParallel (each process holds the whole
-    model; gradients are all-reduced in buckets while the backward runs). fsdp: FSDP2, fully_shard per block and
-    then the whole model (weights, gradients and AdamW state are sharded; with --dtype=bfloat16 the gathered weights
-    are bf16 and gradients are reduced in fp32). Every call, the rollouts' decoding steps included, goes through
+    """Several processes: DistributedDataParallel, or FSDP2 (fully_shard per block, then the whole model; bf16
+    gathered weights and fp32 gradient reduction with --dtype=bfloat16). Every call, decoding included, goes through
     the wrapper: FastWeightLM.forward(ids, state=...) decodes."""
     if world == 1:
         return model
