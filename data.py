@@ -1,11 +1,8 @@
 """Data: tokenizers, a synthetic needle-in-a-haystack corpus (RULER-style) and text files.
 
-Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id, name.
-  ByteTokenizer   256 byte tokens + <|bos|>=256, <|eos|>=257, <|pad|>=258; vocab_size 259 (not rounded).
-  WordTokenizer   256 bytes, then every word of the synthetic grammar (with its leading space) as ONE token, then
-                  <|bos|>, <|eos|>, <|pad|>; vocab_size 504.
-  get_tokenizer   "byte" | "word" | "gpt2" | "cl100k_base" | "o200k_base" (tiktoken: cached or downloadable).
-  HFTokenizer     a local HuggingFace tokenizer.json.
+Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id,
+name. get_tokenizer: "byte" (259 tokens), "word" (the bytes + one token per grammar word + 3 specials: 504), or a
+tiktoken encoding (cached or downloadable); HFTokenizer: a local HuggingFace tokenizer.json.
 Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."

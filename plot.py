@@ -59,17 +59,14 @@ def plot_run(out_dir):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python plot.py OUT_DIR   (redraws OUT_DIR/curves.png from OUT_DIR/metrics.jsonl)",
-              file=sys.stderr)
-        return 2
     try:
-        info = plot_run(argv[0])
+        if len(argv) != 1 or argv[0].startswith("-"):
+            raise ValueError("usage: python plot.py OUT_DIR   (redraws OUT_DIR/curves.png from OUT_DIR/metrics.jsonl)")
+        print(f"wrote {plot_run(argv[0])['path']}")
+        return 0
     except ValueError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {info['path']} ({info['steps']} steps)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """One optimisation step: REFINE (NTP + NSP) or plain next-token prediction, over micro-batches and PPO mini-batches,
-on one process or many (DistributedDataParallel / FSDP2 reduce the gradients in the backward).
-
-One REFINE step (paper section 3): ONE forward over the batch gives the NTP loss, the entropies, h_gt and the
-fast-weight state after each selected position; rollouts decode k tokens from those states; rewards -> GRPO
-advantages -> L = lambda_RL * L_NSP + lambda_SFT * L_NTP -> one backward, one AdamW step.
-Used by train.py (the loop) and phases.py (post-training and test-time training).
+on one process or many (DDP / FSDP2 reduce the gradients in the backward). One REFINE step (paper section 3): ONE
+forward gives the NTP loss, the entropies, h_gt and the fast-weight state after each selected position; rollouts
+decode k tokens from those states; rewards -> GRPO advantages -> L = lambda_RL * L_NSP + lambda_SFT * L_NTP -> one
+backward, one AdamW step. Used by train.py, phases.py and evaluate.py (test-time training).
 """
 import math
 from contextlib import contextmanager, nullcontext
