@@ -2,16 +2,13 @@
 listed in model.safetensors.index.json) + optionally tokenizer.json.
 
 The config uses the field names of the reference config classes (fla's DeltaNetConfig, model_type "delta_net";
-LaCT's LaCTSWIGLUConfig, model_type "lact_swiglu"); the weights use the reference state-dict names, which
-FastWeightLM already produces. A field missing from config.json takes the reference class's default (NOT
-ModelConfig's), a field we do not know is ignored, and a feature we do not implement is refused by name.
-
-API: load_pretrained / save_pretrained (folders), load_tokenizer, model_from_config_json (shapes only, meta device),
-config_from_hf / config_to_hf (the pure field mapping).
+LaCT's LaCTSWIGLUConfig, model_type "lact_swiglu"), the weights their state-dict names (FastWeightLM's own). A field
+missing from config.json takes the reference class's default (NOT ModelConfig's), an unknown field is ignored, and a
+feature we do not implement is refused by name.
 
 Training checkpoints (train.py's out_dir/ckpt.pt, for --resume) are one torch.save file: the full model and AdamW
-state keyed by parameter name, gathered from whatever engine trained them (one process, DistributedDataParallel,
-FSDP2), so a run can resume with another number of processes: save_training / load_training.
+state keyed by parameter name, gathered from whatever engine trained them (one process, DDP, FSDP2), so a run can
+resume with another number of processes: save_training / load_training.
 """
 import dataclasses
 import json
@@ -240,11 +237,10 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
 
 
 def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
-    """Write config.json + model.safetensors (reference names; a tied lm_head.weight is left out, as the reference
-    does) into a temporary folder beside `path`, then rename it into place: never a half-written checkpoint.
-    `extra`: more config.json fields (train.py records its tokenizer's name; the references ignore them).
-    `state`: the weights to write instead of model.state_dict() (a full state gathered from FSDP2 shards).
-    Other files of an existing folder (tokenizer.json, ...) are carried over; its old weight files are not."""
+    """Write config.json + model.safetensors (reference names; no tied lm_head.weight, as the reference) into a
+    temporary folder beside `path`, then rename it into place: never a half-written checkpoint. `extra`: more
+    config.json fields (train.py records its tokenizer's name); `state`: the weights to write instead of
+    model.state_dict() (gathered from FSDP2 shards). An existing folder's other files (tokenizer.json) are kept."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"'{folder}' exists and is not a folder; pass a checkpoint folder path")
@@ -298,19 +294,15 @@ def load_tokenizer(path):
 
 # ------------------------------------------------------------------------------------------ training checkpoints
 
-def full_training_state(model, opt):
-    """(model state, AdamW state) as whole CPU tensors keyed by parameter name, whatever the engine: every process
-    must call it (under FSDP2 it gathers the shards); with several processes only rank 0 receives them."""
+def save_training(path, model, opt, meta, write=True):
+    """Gather the full model and AdamW state as CPU tensors keyed by parameter name (every process calls this: under
+    FSDP2 it gathers the shards, and only rank 0 receives them) and, where `write` (rank 0), save it with `meta`
+    (config, step, data position, versions) and the RNG state to a temporary name, then rename: a crash never leaves
+    a half-written checkpoint. -> the gathered model state (for the Hugging Face export)."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=full), get_optimizer_state_dict(module, opt, options=full)
-
-
-def save_training(path, model, opt, meta, write=True):
-    """Gather the full state (all processes call this) and, where `write` (rank 0), save it with `meta` (config,
-    step, data position, versions) and the RNG state to a temporary name, then rename: a crash never leaves a
-    half-written checkpoint. -> the gathered model state (for the Hugging Face export)."""
-    model_state, opt_state = full_training_state(model, opt)
+    model_state, opt_state = get_model_state_dict(module, options=full), get_optimizer_state_dict(module, opt,
+                                                                                                  options=full)
     if write:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
         torch.save({"model": model_state, "optimizer": opt_state, "rng": rng, **meta}, path + ".tmp")

@@ -192,15 +192,11 @@ def usage():
     lines = ["presets (python train.py --preset NAME; fields below can override any of them):"]
     lines += [f"  {name:22s} {about}" for name, (about, _) in PRESETS.items()]
     lines += ["", "config fields (--key=value; the default shown is TrainConfig's, a preset may change it):"]
-    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
+    for line in inspect.getsource(TrainConfig).split("@property")[0].splitlines()[2:]:   # the fields
         code, _, meaning = line.strip().partition("#")
-        if not line.strip():
-            continue
-        if not code:                                          # a section comment: "# optimiser (AdamW)"
-            lines.append(f"  [{meaning.strip()}]")
-        elif ":" in code and "=" in code and not code.startswith(("def", "@", "return")):
+        if code:
             name = code.split(":")[0].strip()
             lines.append(f"    --{name}={getattr(TrainConfig, name)}".ljust(36) + f" {meaning.strip()}")
-        elif code.startswith(("@", "def")):
-            break
+        elif meaning:                                         # a section comment: "# optimiser (AdamW)"
+            lines.append(f"  [{meaning.strip()}]")
     return "\n".join(lines)

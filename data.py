@@ -1,11 +1,8 @@
 """Data: tokenizers, a synthetic needle-in-a-haystack corpus (RULER-style) and text files.
 
-Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id, name.
-  ByteTokenizer   256 byte tokens + <|bos|>=256, <|eos|>=257, <|pad|>=258; vocab_size 259 (not rounded).
-  WordTokenizer   256 bytes, then every word of the synthetic grammar (with its leading space) as ONE token, then
-                  <|bos|>, <|eos|>, <|pad|>; vocab_size 504.
-  get_tokenizer   "byte" | "word" | "gpt2" | "cl100k_base" | "o200k_base" (tiktoken: cached or downloadable).
-  HFTokenizer     a local HuggingFace tokenizer.json.
+Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id,
+name. get_tokenizer: "byte" (259 tokens), "word" (the bytes + one token per grammar word + 3 specials: 504), or a
+tiktoken encoding (cached or downloadable); HFTokenizer: a local HuggingFace tokenizer.json.
 Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
@@ -28,12 +25,19 @@ PAT_STR = r" ?\S+|\s+(?!\S)|\s+"   # a word with its leading space, or a run of 
 # ----------------------------------------------------------------------------------------------- tokenizers
 
 class TiktokenTokenizer:
-    """A tiktoken Encoding behind the project's tokenizer interface. Special-token text in `encode` is plain text."""
+    """A tiktoken Encoding behind the project's tokenizer interface. Special-token text in `encode` is plain text.
+    words: build a local encoding (no file, no network) of the 256 bytes (so any text encodes), then each word " w"
+    as one token, then bos/eos/pad. No merges are needed: the regex cuts text into " word" pieces and tiktoken looks
+    a whole piece up before running BPE; any other piece falls back to bytes."""
 
-    def __init__(self, enc, name, bos_id, eos_id, pad_id):
-        self.enc, self.name = enc, name
+    def __init__(self, enc, name, bos_id=None, eos_id=None, pad_id=None, words=None):
+        if words is not None:
+            ranks = {bytes([i]): i for i in range(256)} | {(" " + w).encode(): 256 + i for i, w in enumerate(words)}
+            bos_id, eos_id, pad_id = len(ranks), len(ranks) + 1, len(ranks) + 2
+            enc = tiktoken.Encoding(f"refine_{name}", pat_str=PAT_STR, mergeable_ranks=ranks,
+                                    special_tokens={"<|bos|>": bos_id, "<|eos|>": eos_id, "<|pad|>": pad_id})
+        self.enc, self.name, self.vocab_size = enc, name, enc.n_vocab
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.vocab_size = enc.n_vocab
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
@@ -42,31 +46,18 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
-def _specials(first_id):
-    return {"<|bos|>": first_id, "<|eos|>": first_id + 1, "<|pad|>": first_id + 2}
-
-
 class ByteTokenizer(TiktokenTokenizer):
-    """One token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258. Built in code: no file, no network."""
+    """One token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258."""
 
     def __init__(self):
-        ranks = {bytes([i]): i for i in range(256)}
-        enc = tiktoken.Encoding("refine_byte", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=_specials(256))
-        super().__init__(enc, "byte", 256, 257, 258)
+        super().__init__(None, "byte", words=())
 
 
 class WordTokenizer(TiktokenTokenizer):
-    """The 256 bytes (so any text encodes), then each grammar word " w" as one token, then bos/eos/pad.
-    No intermediate merges are needed: the regex cuts text into " word" pieces and tiktoken looks a whole piece
-    up before running BPE, so a grammar word is one token; any other piece falls back to bytes (BPE finds no merge)."""
+    """The bytes, then every grammar word as one token, then bos/eos/pad."""
 
     def __init__(self):
-        ranks = {bytes([i]): i for i in range(256)}
-        for w in GRAMMAR_WORDS:
-            ranks[(" " + w).encode()] = len(ranks)
-        n = len(ranks)
-        enc = tiktoken.Encoding("refine_word", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=_specials(n))
-        super().__init__(enc, "word", n, n + 1, n + 2)
+        super().__init__(None, "word", words=GRAMMAR_WORDS)
 
 
 class HFTokenizer:
@@ -341,7 +332,8 @@ class SyntheticData:
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
-def _files(path):
+def data_files(path):
+    """The data files of a path: the file itself, or a folder's .txt/.jsonl/.parquet files, recursively, sorted."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"data path '{path}' does not exist; pass a .txt, .jsonl or .parquet file or a folder of them")
@@ -354,16 +346,6 @@ def _files(path):
         raise ValueError(f"unsupported data file '{path}' (extension '{p.suffix}'); valid: "
                          f"{', '.join(EXTENSIONS)} or a folder of them")
     return [p]
-
-
-def _first(answer):
-    if isinstance(answer, (list, tuple)):
-        return answer[0] if answer else ""
-    return answer or ""
-
-
-def _as_list(answer):
-    return [] if answer is None else [answer] if isinstance(answer, str) else [str(a) for a in answer]
 
 
 def _records(f):
@@ -392,7 +374,7 @@ def _answer_key(row):
 def load_documents(path):
     """Documents (strings) of a file or folder; empty documents are dropped. See the module docstring for formats."""
     docs = []
-    for f in _files(path):
+    for f in data_files(path):
         if f.suffix == ".txt":
             docs.append(f.read_text(encoding="utf-8"))
             continue
@@ -406,7 +388,8 @@ def load_documents(path):
             if "text" in row:
                 docs.append(row["text"] or "")
             elif "prompt" in row:
-                prompt, ans = row["prompt"] or "", _first(row.get(_answer_key(row)))
+                prompt, ans = row["prompt"] or "", row.get(_answer_key(row))
+                ans = (ans[0] if ans else "") if isinstance(ans, (list, tuple)) else ans or ""   # the first answer
                 docs.append(prompt + ("" if not ans or prompt[-1:].isspace() else " ") + ans)
             else:
                 raise ValueError(f"{f} line {i} has no 'text' field; each line must be an object with a 'text' string")
@@ -417,7 +400,7 @@ def load_prompt_answer(path):
     """Post-training pairs [dict(prompt, answers: list[str])] from .parquet/.jsonl rows with 'prompt' and
     'answer' or 'answers' (a string or a list of strings), e.g. the RULER-QA parquet files."""
     pairs = []
-    for f in _files(path):
+    for f in data_files(path):
         if f.suffix == ".txt":
             raise ValueError(f"'{f}' is a .txt file; prompt/answer pairs need .parquet or .jsonl with 'prompt' "
                              f"and 'answer'")
@@ -425,7 +408,9 @@ def load_prompt_answer(path):
             key = _answer_key(row)
             if "prompt" not in row or key is None:
                 raise ValueError(f"'{f}' has no 'prompt' and 'answer'/'answers' fields (has: {', '.join(row)})")
-            pairs.append(dict(prompt=row["prompt"], answers=_as_list(row[key])))
+            ans = row[key]
+            pairs.append(dict(prompt=row["prompt"], answers=[] if ans is None else [ans] if isinstance(ans, str)
+                              else [str(a) for a in ans]))
     return pairs
 
 
@@ -454,15 +439,17 @@ class TextData:
             self._cached = (epoch, stream[start:start + used])
         return self._cached[1]
 
-    def get_batch(self, batch_size):
-        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:])."""
+    def get_batch(self, batch_size, with_mask=False):
+        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), files
+        mark no answers."""
         L, rows = self.seq_len + 1, []
         for _ in range(batch_size):
             if self.window == self.windows_per_epoch:
                 self.epoch, self.window = self.epoch + 1, 0
             rows.append(self._stream(self.epoch)[self.window * L:(self.window + 1) * L])
             self.window += 1
-        return torch.from_numpy(np.stack(rows))   # [B, seq_len + 1]
+        batch = torch.from_numpy(np.stack(rows))   # [B, seq_len + 1]
+        return (batch, None) if with_mask else batch
 
     def state_dict(self):
         return {"seed": self.seed, "epoch": self.epoch, "window": self.window}

@@ -1,13 +1,9 @@
 """Evaluation (the REFINE paper's benchmarks): greedy generation, RULER needle-in-a-haystack, RULER multi-document QA,
 LongBench, next-token validation, and test-time training with REFINE (the paper's third phase).
 
-Callable alone (`python evaluate.py --help`) and from train.py. Every score is a fraction in [0, 1]; tables print
-percentages. Generation prefills a whole batch in ONE forward pass (right padding; the model is causal, so the
-state after each row's own last token is exact whatever follows it) and then decodes one token per step from the
-fixed-size fast-weight state.
-
-Long prompts: `max_prompt_tokens` cuts the MIDDLE of a prompt that is too long, keeping its first and last halves
-(BOS + head + tail), as LongBench's pred.py does; the instruction at the start and the question at the end survive.
+Callable alone (`python evaluate.py --help`) and from train.py. Scores are fractions in [0, 1]; tables print
+percentages. Generation prefills a batch in ONE forward pass (right padding: the model is causal, so the state after
+each row's last token is exact) and then decodes one token per step from the fixed-size fast-weight state.
 """
 import argparse
 import copy
@@ -20,9 +16,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
-import reward
 import rollout
-from grpo import refine_loss, rollout_advantages
 
 # ----------------------------------------------------------------------------------------------- generation
 
@@ -93,7 +87,8 @@ def decode(tokenizer, ids):
 
 
 def encode_prompt(tokenizer, text, max_prompt_tokens=None):
-    """BOS + tokens of `text`; when longer than max_prompt_tokens (BOS included) the middle is cut out."""
+    """BOS + tokens of `text`; when longer than max_prompt_tokens (BOS included) the MIDDLE is cut out, keeping the
+    first and last halves as LongBench's pred.py does (the instruction and the question survive)."""
     ids = tokenizer.encode(text)
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 3:
@@ -161,18 +156,6 @@ def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_s
     return dict(score=sum(scores) / len(scores), n=len(scores), predictions=preds)
 
 
-def _parquet_files(paths):
-    files = []
-    for p in [paths] if isinstance(paths, (str, Path)) else paths:
-        p = Path(p)
-        if not p.exists():
-            raise ValueError(f"LongBench path '{p}' does not exist; pass .parquet files or a folder of them")
-        files += sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-    if not files:
-        raise ValueError(f"no .parquet files in {paths}")
-    return files
-
-
 def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_size=1, max_prompt_tokens=None,
                    max_new_tokens=None):
     """LongBench on parquet files (columns task, prompt, answers) -> {task: score, ..., "average": mean over tasks}.
@@ -180,7 +163,8 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
     limit: rows per file. mode: metrics.longbench_score's mode ("longbench" or "refine")."""
     import pyarrow.parquet as pq
     rows_by_task = {}
-    for f in _parquet_files(paths):
+    files = [f for p in ([paths] if isinstance(paths, (str, Path)) else paths) for f in data.data_files(p)]
+    for f in [f for f in files if f.suffix == ".parquet"]:
         missing = {"task", "prompt", "answers"} - set(pq.read_schema(f).names)
         if missing:
             raise ValueError(f"'{f}' lacks the column(s) {', '.join(sorted(missing))}; LongBench files need task, "
@@ -230,30 +214,20 @@ def eval_validation(model, batches):
 
 
 def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
-    """Adapt on one prompt (list of ids) with REFINE for `steps` optimizer steps: x = prompt[:-1], y = prompt[1:]
-    (batch of 1), L = lambda_RL * L_NSP + lambda_SFT * L_NTP. Gradients are cleared first. -> last step's stats."""
-    L = len(prompt_ids) - 1
-    if L < max(cfg.n_chunks, cfg.rollout_len + 1):
+    """Adapt on one prompt (list of ids) with `steps` REFINE steps (step.train_step on a batch of one: x =
+    prompt[:-1], y = prompt[1:], L = lambda_RL * L_NSP + lambda_SFT * L_NTP). -> the last step's stats."""
+    from step import train_step
+    if len(prompt_ids) - 1 < max(cfg.n_chunks, cfg.rollout_len + 1):
         raise ValueError(f"prompt of {len(prompt_ids)} tokens is too short for test-time training with "
                          f"n_chunks={cfg.n_chunks}, rollout_len={cfg.rollout_len}; need at least "
                          f"{max(cfg.n_chunks, cfg.rollout_len + 1) + 1} tokens")
-    device = model.lm_head.weight.device
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)[None]     # [1, L + 1]
-    x, y = ids[:, :-1], ids[:, 1:]                                                 # [1, L]
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.lm_head.weight.device)[None]   # [1, L + 1]
     was_training, stats = model.training, {}
     model.train()
     optimizer.zero_grad(set_to_none=True)
     try:
-        for _ in range(steps):
-            out, ro = rollout.collect_rollouts(model, x, cfg, generator)          # steps 1-2: select, roll out
-            rewards = reward.compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(ro.n, 0), ro.tokens,
-                                            ro.gt_tokens.repeat_interleave(ro.n, 0))   # step 3   [N]
-            adv = rollout_advantages(rewards, cfg.n_chunks, cfg.n_rollouts, cfg.group_by, cfg.adv_scale)
-            loss, stats = refine_loss(model, x, y, out, ro, adv, cfg)              # step 4: eq. 8
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for i in range(steps):
+            stats = train_step(model, optimizer, ids, cfg, i, 0, 1, True, generator=generator)
     finally:
         model.train(was_training)
     return stats
@@ -263,7 +237,7 @@ def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_toke
                  generator=None):
     """Test-time training: for each example (dict prompt_ids, answers) score the greedy answer, adapt on the prompt
     (ttt_adapt), score again. score_fn(prediction: str, answers) -> float. reset=True restores the parameters and
-    the optimizer state after every example (the official code never resets); reset=False keeps adapting (the official code).
+    the optimizer state after every example; reset=False keeps adapting (the official code).
     -> dict(base, adapted: mean scores, n, per_example: [dict(base, adapted, base_prediction, adapted_prediction)])."""
     if not examples:
         raise ValueError("examples is empty; need at least one dict(prompt_ids, answers)")
@@ -291,37 +265,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _checkpoint_dir(path):
-    p = Path(path)
-    for d in (p, p / "hf"):
-        if (d / "config.json").is_file():
-            return d
-    raise ValueError(f"no checkpoint at '{path}': expected config.json + model.safetensors there or in '{p / 'hf'}'")
-
-
-def _load_tokenizer(ckpt_dir, fallback):
-    """tokenizer.json in the folder, else config.json's "tokenizer" (written by train.py), else --tokenizer."""
+def load_checkpoint(path, tokenizer=None, dtype=None, device=None):
+    """(model, tokenizer, folder) of a checkpoint folder or of a training out_dir holding one in hf/ (looked at first:
+    an out_dir's own config.json is the run's). The tokenizer: the folder's tokenizer.json, else the one its
+    config.json names (train.py writes it), else `tokenizer`."""
     import checkpoint
-    if (ckpt_dir / "tokenizer.json").is_file():
-        return checkpoint.load_tokenizer(ckpt_dir)
-    name = json.loads((ckpt_dir / "config.json").read_text()).get("tokenizer") or fallback
+    folder = next((d for d in (Path(path) / "hf", Path(path)) if (d / "config.json").is_file()), None)
+    if folder is None:
+        raise ValueError(f"no checkpoint at '{path}': expected config.json + model.safetensors there or in "
+                         f"'{Path(path) / 'hf'}'")
+    model = checkpoint.load_pretrained(str(folder), dtype=dtype, device=device)
+    if (folder / "tokenizer.json").is_file():
+        return model, checkpoint.load_tokenizer(folder), folder
+    name = json.loads((folder / "config.json").read_text()).get("tokenizer") or tokenizer
     if name is None:
-        raise ValueError(f"'{ckpt_dir}' names no tokenizer (no tokenizer.json, no \"tokenizer\" in config.json); "
+        raise ValueError(f"'{folder}' names no tokenizer (no tokenizer.json, no \"tokenizer\" in config.json); "
                          f"pass --tokenizer byte|word|gpt2|...")
-    return data.get_tokenizer(name)
-
-
-def _device():
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def _ints(text):
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    return model, data.get_tokenizer(name), folder
 
 
 def main(argv=None):
@@ -345,7 +305,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="S,MK,MQ,MV", help="niah: comma-separated variants")
-    p.add_argument("--lengths", type=_ints, default=(256, 512, 1024), help="niah: comma-separated lengths")
+    p.add_argument("--lengths", default="256,512,1024", help="niah: comma-separated lengths")
     p.add_argument("--n", type=int, default=100, help="niah: examples per variant@length")
     p.add_argument("--n-needles", type=int, default=4)
     p.add_argument("--value-tokens", type=int, default=1)
@@ -364,13 +324,15 @@ def main(argv=None):
         for path in args.data or []:
             if not Path(path).exists():
                 raise ValueError(f"data path '{path}' does not exist")
-        ckpt = _checkpoint_dir(args.ckpt)
-        import checkpoint
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        model = checkpoint.load_pretrained(str(ckpt), dtype=dtype, device=args.device or _device())
-        tokenizer = _load_tokenizer(ckpt, args.tokenizer)
+        if not all(n.isdigit() for n in args.lengths.split(",")):
+            raise ValueError(f"--lengths takes comma-separated integers, got '{args.lengths}'")
+        device = args.device or ("cuda" if torch.cuda.is_available() else
+                                 "mps" if torch.backends.mps.is_available() else "cpu")
+        model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.tokenizer, args.dtype and getattr(torch, args.dtype),
+                                                 device)
         if args.task == "niah":
-            results = eval_niah(model, tokenizer, tuple(args.variants.split(",")), args.lengths, args.n, args.seed,
+            results = eval_niah(model, tokenizer, tuple(args.variants.split(",")),
+                                tuple(int(n) for n in args.lengths.split(",")), args.n, args.seed,
                                 args.batch_size or 32, args.n_needles, args.value_tokens)
             print(format_table(results))
         elif args.task == "ruler":

@@ -36,12 +36,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: str = "gro
     A zero-variance group gets A = 0 exactly (the float mean of equal numbers may differ from them by an ulp,
     which divided by a tiny std would otherwise give a large spurious advantage).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [G, n], got shape {tuple(rewards.shape)}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if rewards.dim() != 2 or scale not in SCALES or eps < 0:
+        raise ValueError(f"need rewards [G, n], scale one of {SCALES}, eps >= 0; got shape {tuple(rewards.shape)}, "
+                         f"scale {scale!r}, eps {eps}")
     R = rewards.detach().float()                                      # [G, n]
     if R.shape[1] == 1:
         return R.clone()                                              # mean 0, std 1 -> A = R
@@ -91,13 +88,11 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n
     n_total: the divisor (see default_normaliser); None = this batch's own. With the whole batch's value passed
     to each micro-batch, the micro-batch losses SUM to the loss of the unsplit batch.
     """
-    if agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
     if n_total is not None and not float(n_total) > 0:
         raise ValueError(f"n_total must be > 0, got {n_total}")
     valid = mask.bool()
     loss = torch.where(valid, loss, torch.zeros_like(loss))           # masked tokens contribute exactly 0
-    denom = default_normaliser(mask, agg) if n_total is None else float(n_total)
+    denom = default_normaliser(mask, agg) if n_total is None else float(n_total)   # also checks agg
     if denom == 0:
         return loss.sum() * 0.0                                       # nothing valid: a zero that keeps the graph
     if agg == "token-mean":
@@ -132,19 +127,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                          f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [N]={logp.shape[0]}, got {tuple(advantages.shape)}")
-    if not (0 <= clip_low < 1 and clip_high >= 0):
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if not clip_c > 1:
-        raise ValueError(f"clip_c (dual clip) must be > 1, got {clip_c}")
-    if agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError("kl_coef > 0 needs ref_logp (the frozen reference's log-probs); pass kl_coef=0 for no KL")
+    if not (0 <= clip_low < 1 and clip_high >= 0 and clip_c > 1 and kl_coef >= 0 and agg in AGGS):
+        raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_c (dual clip) > 1, kl_coef >= 0 and agg one "
+                         f"of {AGGS}; got {clip_low}, {clip_high}, {clip_c}, {kl_coef}, {agg!r}")
     use_kl = kl_coef > 0
-    if use_kl and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp must be {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    if use_kl and (ref_logp is None or ref_logp.shape != logp.shape):
+        raise ValueError(f"kl_coef > 0 needs ref_logp [N, k]={tuple(logp.shape)} (the frozen reference's log-probs); "
+                         f"pass kl_coef=0 for no KL")
 
     valid = mask.bool()                                               # [N, k]
     zero = torch.zeros((), dtype=torch.float32, device=logp.device)
@@ -164,7 +153,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     loss_tok = torch.where(dual, dual_bound, loss_tok)                # dual clip: min(L, -A c) for A < 0
 
     loss = aggregate(loss_tok, valid, agg, n_total)
-
     stats = {}
     if use_kl:
         ref = torch.where(valid, ref_logp.detach().float(), zero)

@@ -1,14 +1,10 @@
-"""Answer-scoring metrics for the paper's evaluations: RULER multi-document QA and LongBench (REFINE paper, evaluation section).
-
-Pure string functions, no model code. Every scorer follows its reference implementation rule for rule,
-including the quirks that change scores (each one is named where it is reproduced):
-
+"""Answer-scoring metrics for the paper's evaluations (REFINE paper, evaluation section): pure string functions that
+follow their reference implementations rule for rule, quirks that change scores included (each named where it is):
 - RULER QA: `string_match_part` (NVIDIA/RULER) after the REFINE authors' post-processing
   (princetonvisualai/ReFINE, verl/utils/reward_score/ruler.py).
 - LongBench: THUDM/LongBench `eval.py` + `metrics.py` (mode="longbench"), or the REFINE authors' copy of it
   (verl/utils/reward_score/longbench.py, mode="refine"), which cuts QA answers at their first newline.
-
-`rouge` and `rapidfuzz` are optional: they are imported only by the ROUGE and code-similarity metrics.
+`rouge` and `rapidfuzz` are imported only by the ROUGE and code-similarity metrics.
 """
 import re
 import string
@@ -114,12 +110,9 @@ def qa_f1_score(prediction: str, ground_truth: str) -> float:
 
 
 def rouge_l_score(prediction: str, ground_truth: str) -> float:
-    """ROUGE-L F (summary level) from the `rouge` package, as LongBench computes it.
-
-    Like LongBench, any error of the package scores 0.0: an empty hypothesis or reference (ValueError) and a
-    sentence long enough to overflow Python's recursion limit in the package's recursive LCS backtrack
-    (RecursionError, e.g. a 512-token generation without a full stop).
-    """
+    """ROUGE-L F (summary level) from the `rouge` package, as LongBench computes it. Like LongBench, any error of the
+    package scores 0.0: an empty hypothesis or reference (ValueError), or a sentence that overflows the recursion
+    limit in the package's recursive LCS backtrack (RecursionError, e.g. 512 tokens without a full stop)."""
     try:
         from rouge import Rouge
     except ImportError as err:

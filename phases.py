@@ -89,7 +89,7 @@ def test_time_train(cfg, model, opt, tok, device):
                        generator=gen)
     print(f"test-time training ({res['n']} examples, {cfg.ttt_steps} steps each, reset={cfg.ttt_reset}): "
           f"score without adaptation {res['base']:.4f}, with REFINE adaptation {res['adapted']:.4f}")
-    return {"base": res["base"], "adapted": res["adapted"], "n": res["n"]}
+    return {k: res[k] for k in ("base", "adapted", "n")}
 
 
 def run_phase(cfg, model, opt, tok, device):

@@ -24,11 +24,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, ndim: int, what: str) -> None:
 
 @torch.no_grad()
 def cosine_reward(h_pred: torch.Tensor, h_gt: torch.Tensor) -> torch.Tensor:
-    """Mean over the k rollout positions of cos(h_pred, h_gt), in fp32.
-
-    h_pred, h_gt: [N, k, D]  ->  returns [N]
-    eps as torch.nn.functional.cosine_similarity's default (1e-8).
-    """
+    """Mean over the k rollout positions of cos(h_pred, h_gt), in fp32 (eps: cosine_similarity's 1e-8).
+    h_pred, h_gt: [N, k, D]  ->  returns [N]"""
     _check_pair(h_pred, h_gt, 3, "cosine_reward")
     cos = F.cosine_similarity(h_pred.float(), h_gt.float(), dim=-1)   # [N, k] cos at every position
     return cos.mean(dim=-1)                                           # sec. 3 step 3: R = (1/k) sum_j cos   [N]
@@ -37,9 +34,7 @@ def cosine_reward(h_pred: torch.Tensor, h_gt: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def binary_reward(pred_ids: torch.Tensor, gt_ids: torch.Tensor) -> torch.Tensor:
     """Fraction of rollout tokens equal to the ground-truth token at the same position, in fp32.
-
-    pred_ids, gt_ids: [N, k] token ids  ->  returns [N]
-    """
+    pred_ids, gt_ids: [N, k] token ids  ->  returns [N]"""
     _check_pair(pred_ids, gt_ids, 2, "binary_reward")
     match = (pred_ids == gt_ids).float()                              # [N, k] 1 where the token matches
     return match.mean(dim=-1)                                         # sec. 3 step 3: R = (1/k) sum_j [x_hat == x]
@@ -48,10 +43,7 @@ def binary_reward(pred_ids: torch.Tensor, gt_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hybrid_reward(h_pred: torch.Tensor, h_gt: torch.Tensor,
                   pred_ids: torch.Tensor, gt_ids: torch.Tensor) -> torch.Tensor:
-    """cosine_reward + binary_reward, range [-1, 2].
-
-    h_pred, h_gt: [N, k, D]; pred_ids, gt_ids: [N, k]  ->  returns [N]
-    """
+    """cosine_reward + binary_reward, range [-1, 2]. h_pred, h_gt: [N, k, D]; pred_ids, gt_ids: [N, k] -> [N]"""
     cos = cosine_reward(h_pred, h_gt)                                 # [N]
     hit = binary_reward(pred_ids, gt_ids)                             # [N]
     if cos.shape != hit.shape:
@@ -60,10 +52,8 @@ def hybrid_reward(h_pred: torch.Tensor, h_gt: torch.Tensor,
 
 
 def compute_reward(name: str, h_pred=None, h_gt=None, pred_ids=None, gt_ids=None) -> torch.Tensor:
-    """Dispatch on the reward name. Returns [N] fp32 without gradient.
-
-    h_pred, h_gt: [N, k, D] (cosine, hybrid); pred_ids, gt_ids: [N, k] (binary, hybrid); the unused pair may be None.
-    """
+    """The reward `name` -> [N] fp32 without gradient. h_pred, h_gt: [N, k, D] (cosine, hybrid); pred_ids, gt_ids:
+    [N, k] (binary, hybrid); the unused pair may be None."""
     if name == "cosine":
         return cosine_reward(h_pred, h_gt)
     if name == "binary":

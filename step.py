@@ -1,10 +1,8 @@
 """One optimisation step: REFINE (NTP + NSP) or plain next-token prediction, over micro-batches and PPO mini-batches,
-on one process or many (DistributedDataParallel / FSDP2 reduce the gradients in the backward).
-
-One REFINE step (paper section 3): ONE forward over the batch gives the NTP loss, the entropies, h_gt and the
-fast-weight state after each selected position; rollouts decode k tokens from those states; rewards -> GRPO
-advantages -> L = lambda_RL * L_NSP + lambda_SFT * L_NTP -> one backward, one AdamW step.
-Used by train.py (the loop) and phases.py (post-training and test-time training).
+on one process or many (DDP / FSDP2 reduce the gradients in the backward). One REFINE step (paper section 3): ONE
+forward gives the NTP loss, the entropies, h_gt and the fast-weight state after each selected position; rollouts
+decode k tokens from those states; rewards -> GRPO advantages -> L = lambda_RL * L_NSP + lambda_SFT * L_NTP -> one
+backward, one AdamW step. Used by train.py, phases.py and evaluate.py (test-time training).
 """
 import math
 from contextlib import contextmanager, nullcontext
@@ -14,23 +12,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-import data as datalib
 from grpo import default_normaliser, ntp_loss, refine_loss, rollout_advantages, zero_std_fraction
 from reward import compute_reward
 from rollout import collect_rollouts
-
-
-def answer_mask(x, y, tokenizer):
-    """bool [B, T]: the targets y [B, T] that are synthetic needle values following a query's "?" in x [B, T]."""
-    if tokenizer not in _ANSWER_IDS:
-        tok = datalib.get_tokenizer(tokenizer)
-        _ANSWER_IDS[tokenizer] = (torch.tensor([tok.encode(" " + v)[-1] for v in datalib.VALUES]),
-                                  tok.encode(" ?")[-1])
-    values, qmark = _ANSWER_IDS[tokenizer]
-    return torch.isin(y, values.to(y.device)) & ((x == qmark).cumsum(1) > 0)
-
-
-_ANSWER_IDS = {}   # tokenizer name -> (value word ids, id of " ?")
 
 
 def make_optimizer(model, cfg):
@@ -64,21 +48,17 @@ def gradient_sync(model, sync):
         yield
 
 
-def rollout_generator(cfg, step, micro_index, device):
-    """Selection and sampling randomness seeded by (seed, step, global micro-batch): identical whatever the number
-    of processes, and exact on resume."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed * 1_000_003 + step * 10_007 + micro_index)
-    return gen
-
-
-def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None):
+def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None, answers=None,
+               generator=None):
     """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, one AdamW step per PPO mini-batch and
     epoch. model: the FastWeightLM, or with several processes its DistributedDataParallel / FSDP2 wrapper, which
     reduces the gradients during the backward (every call, decoding included, goes through it). Losses are
     normalised by whole-batch counts, so the update does not depend on how the batch is split into processes or
     micro-batches. lengths [B]: real tokens of right-padded rows;
-    target_mask [B, T]: which next-token targets count (default: those of real tokens).
+    target_mask [B, T]: which next-token targets count (default: those of real tokens); answers [B, T]: the targets
+    the data source marks as answers (synthetic data), weighted answer_weight in the NTP loss and the positions
+    before which select_mode "answer" may start a rollout. generator: the selection and sampling randomness (default:
+    seeded by seed, step and global micro-batch, so the same whatever the number of processes, and on resume).
     With one mini-batch and one epoch (the toy presets) the rollout forward IS the training forward: one pass gives
     the NTP loss, the entropies, h_gt and the differentiable snapshots. Otherwise (the paper's presets: batch 128,
     mini-batches of 32) the whole batch is sampled first without grad, as in PPO, and each mini-batch update
@@ -97,10 +77,10 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     fused = mini == B and epochs == 1
 
     def sample(j):  # steps 1-3 for the micro-batch at row j: (LMOutput, rollouts, advantages)
-        gen = rollout_generator(cfg, step, (rank * B + j) // micro, device)
+        gen = generator or torch.Generator(device=device).manual_seed(
+            cfg.seed * 1_000_003 + step * 10_007 + (rank * B + j) // micro)
         lens = None if lengths is None else lengths[j:j + micro] - 1
-        allowed = None if cfg.select_mode != "answer" else \
-            answer_mask(x_all[j:j + micro], y_all[j:j + micro], cfg.tokenizer)   # [micro, T] before answer values
+        allowed = None if answers is None else answers[j:j + micro]   # [micro, T] for select_mode "answer"
         out, ro = collect_rollouts(model, x_all[j:j + micro], cfg, gen, lens, cfg.rollout_mode, allowed)
         n = ro.n
         rewards = compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(n, 0), ro.tokens,
@@ -124,8 +104,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
                 out = model(x, snapshot_at=ro.positions if cfg.rollout_mode == "snapshot" else None)
             loss, part = refine_loss(model, x, y, out, ro, adv, cfg, msk, n_tok, n_nsp, cfg.rollout_mode)
             stats["clip_frac"] += (part["clip_frac_high"] + part["clip_frac_low"]) * micro / B / epochs
-        if cfg.answer_weight != 1.0:  # answer values weigh answer_weight: add (w - 1) x their NTP share
-            ans = answer_mask(x, y, cfg.tokenizer) & (True if msk is None else msk)
+        if cfg.answer_weight != 1.0 and answers is not None:  # answers weigh answer_weight: + (w - 1) x their NTP
+            ans = answers[j:j + micro] & (True if msk is None else msk)
             loss = loss + (cfg.lambda_sft if use_refine else 1.0) * (cfg.answer_weight - 1.0) * \
                 ntp_loss(out.logits, y, ans, n_tok)
         return loss, part

@@ -27,11 +27,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datalib
-from checkpoint import load_pretrained, load_tokenizer, load_training, save_pretrained, save_training
+from checkpoint import load_training, save_pretrained, save_training
 from config import PRESETS, parse_args, usage
-from evaluate import eval_niah, eval_validation, format_table
+from evaluate import eval_niah, eval_validation, format_table, load_checkpoint
 from model import MODEL_PRESETS, build_model
 from phases import run_phase
+from plot import plot_run
 from step import lr_at, make_optimizer, train_step
 
 
@@ -56,14 +57,7 @@ def setup_distributed(cfg):
 def load_model(cfg, device):
     """A fresh model from a preset, or the weights of --init_from, and its tokenizer."""
     if cfg.init_from:
-        folder = cfg.init_from
-        if os.path.isdir(os.path.join(folder, "hf")):
-            folder = os.path.join(folder, "hf")
-        model = load_pretrained(folder, device=device)
-        with open(os.path.join(folder, "config.json")) as f:
-            name = json.load(f).get("tokenizer")
-        tok = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) else \
-            datalib.get_tokenizer(name or cfg.tokenizer)
+        model, tok, _ = load_checkpoint(cfg.init_from, cfg.tokenizer, device=device)
     else:
         tok = datalib.get_tokenizer(cfg.tokenizer)
         preset = MODEL_PRESETS[cfg.model]
@@ -89,16 +83,14 @@ def load_data(cfg, tok, seq_len):
         needles = (min(cfg.min_needles, fit), min(cfg.n_needles, fit))
         return datalib.SyntheticData(tok, seq_len, cfg.seed, needles, values[0] if values[0] == values[1] else values,
                                      styles)
-    if cfg.answer_weight != 1.0:
-        raise ValueError("--answer_weight needs --data=synthetic (it up-weights the synthetic answers)")
+    if cfg.answer_weight != 1.0 or cfg.select_mode == "answer":
+        raise ValueError("--answer_weight and --select_mode=answer need --data=synthetic (its batches mark answers)")
     return datalib.TextData(cfg.data, tok, seq_len, cfg.seed)
 
 
 def parallelize(model, cfg, world, device):
-    """Several processes: torch's data-parallel engines. ddp: DistributedDataParallel (each process holds the whole
-    model; gradients are all-reduced in buckets while the backward runs). fsdp: FSDP2, fully_shard per block and
-    then the whole model (weights, gradients and AdamW state are sharded; with --dtype=bfloat16 the gathered weights
-    are bf16 and gradients are reduced in fp32). Every call, the rollouts' decoding steps included, goes through
+    """Several processes: DistributedDataParallel, or FSDP2 (fully_shard per block, then the whole model; bf16
+    gathered weights and fp32 gradient reduction with --dtype=bfloat16). Every call, decoding included, goes through
     the wrapper: FastWeightLM.forward(ids, state=...) decodes."""
     if world == 1:
         return model
@@ -196,11 +188,13 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
         phase = phase_of(step, cfg)
         source = warm if phase == "warmup" else data
         B = (cfg.warmup_batch_size or cfg.batch_size) if phase == "warmup" else cfg.batch_size
-        batch = source.get_batch(B)[rank * (B // world):(rank + 1) * (B // world)].to(device)
+        rows = slice(rank * (B // world), (rank + 1) * (B // world))   # this process's share of the batch
+        batch, answers = source.get_batch(B, with_mask=True)             # answers: synthetic data only
+        batch, answers = batch[rows].to(device), None if answers is None else answers[rows, 1:].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         t = time.time()
-        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine")
+        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine", answers=answers)
         if stats is None:
             bad += 1
             if master:
@@ -246,6 +240,7 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
     final_evaluation(core, tok, val, cfg, log)
     if master:
         log.close()
+        print(f"learning curves: {plot_run(cfg.out_dir)['path']} (python plot.py {cfg.out_dir} redraws them)")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,11 +1,11 @@
-"""diagnose.py: the token categories of synthetic documents, the variance share, the reward-curve summary."""
+"""study/diagnose.py: the token categories of synthetic documents, the variance share, the reward-curve summary."""
 import json
 
 import pytest
 import torch
 
 import data
-import diagnose
+from study import diagnose
 
 WORD = data.WordTokenizer()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import evaluate
 from model import FastWeightLM, ModelConfig
@@ -149,7 +150,7 @@ def test_eval_validation_matches_cross_entropy():
 
 
 def ttt_cfg(**kw):
-    return types.SimpleNamespace(**{**dict(
+    return config.TrainConfig(**{**dict(
         n_chunks=2, rollout_len=3, n_rollouts=2, select_mode="entropy", select_temperature=1.0, margin=2,
         sample_temperature=1.0, top_p=1.0, top_k=0, eos_id=TOK.eos_id, reward="binary", lambda_rl=0.4,
         lambda_sft=1.0, clip_low=0.2, clip_high=0.2, clip_c=3.0, loss_agg="token-mean", kl_coef=0.0,

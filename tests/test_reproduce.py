@@ -1,11 +1,11 @@
-"""reproduce.py and report.py: the statistics reported, and a smoke run of every stage with tiny sizes (one process)."""
+"""study/reproduce.py and study/report.py: the statistics reported, and a smoke run of every stage with tiny sizes
+(one process), the figures and the README summary included."""
 import json
 import math
 
 import pytest
 
-import report
-import reproduce
+from study import report, reproduce
 
 
 def test_summary_is_mean_and_standard_error():
@@ -51,7 +51,7 @@ def test_quick_run_writes_results_and_reuses_the_base(tmp_path):
     assert diag["answer"]["categories"]["random"]["share_selected"] == 0.0   # never a needle's random key/value
     assert res["reward_curves"]["refine-only-s0"]["steps"] == 3
     md = (tmp_path / "results" / "results.md").read_text()
-    assert "| MK@128 |" in md and "## 6. Verdict" in md and "python reproduce.py --quick" in md
+    assert "| MK@128 |" in md and "## 6. Verdict" in md and "python -m study.reproduce --quick" in md
     assert "## 8. Why REFINE" in md and "## 10. A second toy" in md
     # again with --ablations: the bases and the runs above are reused, not retrained; only the ablations run
     assert reproduce.main(args + ["--ablations"]) == 0
@@ -63,17 +63,22 @@ def test_quick_run_writes_results_and_reuses_the_base(tmp_path):
     assert again["ablations"]["refine-answer-s0"] == ["--select_mode=answer"]
     md = (tmp_path / "results" / "results.md").read_text()
     assert "## 7. Ablations" in md and "## 9. Selection" in md and "| answer |" in md
-    # the figure line only when the figure was written (matplotlib); --report rewrites results.md from results.json
-    assert ("![curves](curves.png)" in md) == (tmp_path / "results" / "curves.png").exists() == again["figure"]
+    # the figures are drawn by the command, headless; --report redraws them and rewrites results.md from results.json
+    for name in ("niah.png", "curves.png"):
+        png = (tmp_path / "results" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and f"]({name})" in md   # a drawn figure
+        (tmp_path / "results" / name).unlink()
     (tmp_path / "results" / "results.md").write_text("stale")
     assert reproduce.main(args + ["--report"]) == 0
     assert (tmp_path / "results" / "results.md").read_text() == md
+    assert all((tmp_path / "results" / name).exists() for name in ("niah.png", "curves.png"))
+    summary = report.readme_summary(again)
+    assert "| average |" in summary and "![NIAH](results/niah.png)" in summary and "results/results.md" in summary
 
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- toy-results:start -->\nold\n<!-- toy-results:end -->\noutro\n")
-    report.update_readme(readme, "# Title\n\n## 1. Base\n\n![curves](curves.png)\n")
-    assert readme.read_text() == ("intro\n<!-- toy-results:start -->\n#### 1. Base\n\n![curves](results/curves.png)\n"
+    report.update_readme(readme, "| table |\n\n![NIAH](results/niah.png)\n")
+    assert readme.read_text() == ("intro\n<!-- toy-results:start -->\n| table |\n\n![NIAH](results/niah.png)\n"
                                   "<!-- toy-results:end -->\noutro\n")
-

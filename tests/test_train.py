@@ -113,6 +113,7 @@ def test_resume_is_exact(tmp_path):
     (["--preset", "toy", "--rollout_len=300"], "--rollout_len=300 does not fit"),
     (["--preset", "toy", "--reward=bleu"], "choose one of cosine, binary, hybrid"),
     (["--preset", "toy", "--answer_weight=1", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
+    (["--preset", "toy", "--answer_weight=1", "--select_mode=answer", "--data=x.txt"], "need --data=synthetic"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     code, out, err = run(*args, f"--out_dir={tmp_path / 'run'}")
@@ -208,3 +209,38 @@ def test_bf16_autocast_dry_run(preset, tmp_path):
     code, out, err = run("--preset", preset, "--dtype=bfloat16", f"--out_dir={tmp_path}", "--max_steps=3", *TINY)
     assert code == 0, err
     assert all(r[1] > 0 and r[1] == r[1] for r in losses(tmp_path))
+
+
+def test_the_batchs_answer_mask_drives_answer_weight_and_answer_selection(monkeypatch):
+    """The data source marks the answers (step.py knows no vocabulary): answer_weight w adds (w - 1) x their NTP
+    loss, select_mode "answer" starts rollouts only right before them; a batch without a mask (files) weighs
+    nothing, and "answer" selection without one is an error."""
+    import data
+    batch, answers = data.SyntheticData(data.WordTokenizer(), 64, 0, (1, 2), 2, ("S",)).get_batch(2, with_mask=True)
+    answers = answers[:, 1:]                                                     # [2, 64] of the targets
+    cfg = config.TrainConfig(**{**config.PRESETS["toy"][1], "seq_len": 64, "batch_size": 2, "n_chunks": 2,
+                               "rollout_len": 1, "margin": 2, "grad_clip": 1e9})   # k=1: no start clamped
+
+    def update(weight, mask, select="entropy", refine=False):  # -> the change of the weights after one SGD step
+        torch.manual_seed(0)
+        model = build_model("toy-deltanet")
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)                        # the update is minus the gradient
+        c = dataclasses.replace(cfg, answer_weight=weight, select_mode=select)
+        step.train_step(model, opt, batch, c, 0, 0, 1, refine, answers=mask)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+    d1, d2, d3 = update(1.0, answers), update(2.0, answers), update(3.0, answers)
+    assert (d2 - d1).abs().max() > 1e-4                                          # the answers' term moves weights
+    # linear in (w - 1); 1e-5 covers fp32 rounding of two summed gradients (weights and updates are O(1))
+    torch.testing.assert_close(d3 - d1, 2 * (d2 - d1), rtol=0, atol=1e-5)
+    assert torch.equal(update(3.0, None), d1)                                    # no mask: nothing weighed
+
+    seen = []
+    collect = step.collect_rollouts
+    monkeypatch.setattr(step, "collect_rollouts", lambda *a: seen.append((a[6], collect(*a)[1])) or collect(*a))
+    update(1.0, answers, "answer", refine=True)
+    allowed, ro = seen[0]
+    assert torch.equal(allowed, answers) and allowed.gather(1, ro.positions).all()   # only before answers
+    with pytest.raises(ValueError, match="needs allowed"):
+        update(1.0, None, "answer", refine=True)

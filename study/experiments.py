@@ -71,7 +71,7 @@ def markdown(res):
     a, runs, seeds = res["args"], res["runs"], res["seeds"]
     out = []
     if "diagnostics" in res:
-        from diagnose import markdown as diag_md
+        from study.diagnose import markdown as diag_md
         ro = f"refine-only-s{seeds[0]}"
         out += ["## 8. Why REFINE lands on SFT here: the REFINE signal", "",
                 f"`{ro}`: REFINE without the NTP term (lambda_SFT 0, lambda_RL 1), {a['refine_only_steps']} steps "

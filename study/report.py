@@ -1,9 +1,9 @@
-"""The report of reproduce.py: the statistics (mean, standard error, the paired verdict), results.md, curves.png and
-the README section between the toy-results markers. Tensors never reach this file: it reads the result dicts that
-reproduce.py collects (results.json)."""
+"""The report of reproduce.py: the statistics (mean, standard error, the paired verdict), results.md, niah.png,
+curves.png and the README's short summary between the toy-results markers. Tensors never reach this file: it reads
+the result dicts that reproduce.py collects (results.json)."""
 import math
 
-import experiments
+from study import experiments
 
 VARIANTS = ("S", "MK", "MQ", "MV")
 
@@ -123,7 +123,7 @@ def markdown(res):
             f"conservative). At this toy scale REFINE mid-training is **{ver['word']}** SFT (threshold: 2 "
             f"standard errors; {sum(d > 0 for d in ver['diffs'])} of {len(ver['diffs'])} seeds favour REFINE).",
             "",
-            *(["![curves](curves.png)", ""] if res.get("figure", True) else [])]
+            "![NIAH](niah.png)", "", "![curves](curves.png)", ""]
     if res.get("ablations"):
         s0 = seeds[0]
         out += [f"## 7. Ablations (REFINE variants, seed {s0}; compare with refine-s{s0} and sft-s{s0})", "",
@@ -154,52 +154,110 @@ def smooth(xs, w=25):
     return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(res, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no figure (pip install matplotlib for curves.png)"
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
-    hist = res["base"]["history"]
-    for v in VARIANTS:
-        ax[0, 0].plot([h["step"] for h in hist], [100 * h[v] for h in hist], marker="o", ms=3, label=v)
-    ax[0, 0].set(title="base pretraining: NIAH@256 (%)", xlabel="step")
-    ax[0, 0].legend()
-    for name, c in res["curves"].items():
-        color = "tab:blue" if name.startswith("sft") else "tab:orange" if name.startswith("refine-s") else "gray"
-        ax[0, 1].plot(c["step"], smooth(c["ntp_loss"]), color=color, lw=1, label=name)
-        if any(r is not None for r in c["reward"]):
-            ax[1, 0].plot([s for s, r in zip(c["step"], c["reward"]) if r is not None], smooth(c["reward"]),
-                          color=color, lw=1, label=name)
-    tails = [y for c in res["curves"].values() for y in smooth(c["ntp_loss"])[len(c["step"]) // 5:]]
-    if tails:   # the first fifth of the steps (the fall from the base's short-context loss) is off the scale
-        ax[0, 1].set_ylim(min(tails) - 0.005, max(tails) + 0.005)
-    ax[0, 1].set(title="mid-training NTP loss (moving avg 25, zoomed)", xlabel="step")
-    ax[0, 1].legend(fontsize=7)
-    ax[1, 0].set(title="REFINE mean cosine reward (moving avg 25)", xlabel="step")
-    ax[1, 0].legend(fontsize=7)
-    ttt = res["ttt"]
-    for i, (label, c, k) in enumerate((("none", "ntp", "none"), ("NTP only", "ntp", "adapted"),
-                                        ("REFINE", "refine", "adapted"))):
-        ys = [100 * sum(ttt[c]["per_variant"][v][k]) / len(ttt[c]["per_variant"][v][k]) for v in VARIANTS]
-        ax[1, 1].bar([j + 0.27 * (i - 1) for j in range(len(VARIANTS))], ys, width=0.27, label=label)
-    ax[1, 1].set_xticks(range(len(VARIANTS)), VARIANTS)
-    ax[1, 1].set(title="test-time training of the base (NIAH %)")
-    ax[1, 1].legend(fontsize=7)
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # headless
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_niah(res, path):
+    """niah.png: NIAH accuracy per variant over the context lengths, base, SFT and REFINE (mean over seeds, error
+    bars one standard deviation over seeds)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(12, 3.4), sharey=True)
+    L = res["lengths"]
+    for ax, v in zip(axes, VARIANTS):
+        ax.plot(L, [100 * res["base_eval"]["niah"][f"{v}@{n}"]["mean"] for n in L], "k--", lw=1, label="base")
+        for obj, color, label in (("sft", "tab:blue", "SFT"), ("refine", "tab:orange", "REFINE")):
+            stats = [mean_sd([100 * res["runs"][f"{obj}-s{s}"]["niah"][f"{v}@{n}"]["mean"] for s in res["seeds"]])
+                     for n in L]
+            ax.errorbar(L, [m for m, _ in stats], yerr=[sd for _, sd in stats], color=color, marker="o", ms=4,
+                        capsize=3, label=label)
+        ax.set(title=v, xscale="log", xlabel="context length (tokens)")
+        ax.set_xticks(L, [str(n) for n in L])
+        ax.minorticks_off()
+    axes[0].set_ylabel("NIAH accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Toy mid-training: NIAH of SFT vs REFINE ({len(res['seeds'])} seeds, error bars: sd over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return f"wrote {path}"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def update_readme(path, results_md, start="<!-- toy-results:start -->", end="<!-- toy-results:end -->"):
-    """Put results.md (title dropped, headings demoted, figure path from the repo root) between the markers."""
+def plot_curves(res, path):
+    """curves.png: the mid-training NTP loss and mean reward over the steps of the SFT and REFINE runs (moving
+    average of 25 steps, one line per seed), and the reward of the REFINE-only run."""
+    plt = _pyplot()
+    fig, (loss_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 3.6))
+    tails = []
+    for obj, color, label in (("sft", "tab:blue", "SFT"), ("refine", "tab:orange", "REFINE")):
+        for i, s in enumerate(res["seeds"]):
+            c = res["curves"][f"{obj}-s{s}"]
+            ntp = smooth(c["ntp_loss"])
+            tails += ntp[len(ntp) // 5:]
+            loss_ax.plot(c["step"], ntp, color=color, lw=1, label=label if i == 0 else None)
+            if any(r is not None for r in c["reward"]):
+                reward_ax.plot([t for t, r in zip(c["step"], c["reward"]) if r is not None], smooth(c["reward"]),
+                               color=color, lw=1, label=label if i == 0 else None)
+    only = res["curves"].get(f"refine-only-s{res['seeds'][0]}")
+    if only:   # the NSP term alone, for scale: how far the reward moves when nothing else trains
+        reward_ax.plot(only["step"], smooth(only["reward"]), color="gray", lw=1, label="REFINE without the NTP term")
+    if tails:   # the first fifth of the steps (the fall from the base's short-context loss) is off the scale
+        loss_ax.set_ylim(min(tails) - 0.005, max(tails) + 0.005)
+    loss_ax.set(title="mid-training NTP loss (moving average 25, zoomed)", xlabel="step")
+    reward_ax.set(title="REFINE mean cosine reward of the rollouts (moving average 25)", xlabel="step")
+    reward_ax.text(0.02, 0.04, "SFT samples no rollouts", transform=reward_ax.transAxes, fontsize=8)
+    loss_ax.legend(fontsize=8)
+    reward_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def readme_summary(res):
+    """The README's toy-results section: one table, the figures, the verdict in two sentences, a link."""
+    runs, seeds, L = res["runs"], res["seeds"], res["lengths"]
+    ver = verdict(res)
+    out = [f"`{res['command'].replace('python reproduce.py', 'python -m study.reproduce')}` "
+           f"({res['wall_s']['total'] / 60:.0f} min on {res['cpus']} CPU cores): mid-training of one base for "
+           f"{res['args']['mid_steps']} steps with SFT and with REFINE, {len(seeds)} seeds; NIAH percent over "
+           f"{res['args']['n_eval']} held-out prompts per setting, averaged over the lengths {', '.join(map(str, L))}"
+           " (mean ± sd over seeds; REFINE − SFT paired by seed).", "",
+           "| variant | base | SFT | REFINE | REFINE − SFT |", "|---|---|---|---|---|"]
+    for v in VARIANTS + ("average",):
+        def get(r, v=v):   # the mean over lengths of one variant, or of everything
+            return run_avg(r)[0] if v == "average" else sum(r["niah"][f"{v}@{n}"]["mean"] for n in L) / len(L)
+        sft, ref = [get(runs[f"sft-s{s}"]) for s in seeds], [get(runs[f"refine-s{s}"]) for s in seeds]
+        out.append(f"| {v} | {100 * get(res['base_eval']):.1f} | {cell(sft)} | {cell(ref)} | "
+                   f"{cell([r - f for r, f in zip(ref, sft)])} |")
+    sentence = [f"REFINE is **{ver['word']}** SFT on this toy: REFINE − SFT {ver['mean']:+.1f} points "
+                f"(standard error {ver['se']:.1f}) on average NIAH"]
+    if "long_base" in res:
+        d = [100 * (experiments.avg(runs[f"long-refine-s{s}"]) - experiments.avg(runs[f"long-sft-s{s}"]))
+             for s in seeds]
+        sentence.append("{:+.1f} (standard error {:.1f}) on a second toy with 3-6-word answers".format(
+            *experiments.mean_se(d)))
+    second = "Every other number (the base, validation, test-time training, ablations, diagnostics) is in " \
+             "[results/results.md](results/results.md)."
+    curve = res.get("reward_curves", {}).get(f"refine-only-s{seeds[0]}")
+    if curve:
+        main = [res["reward_curves"][f"refine-s{s}"] for s in seeds]
+        second = (f"Its NSP term does optimise its own reward: without the NTP term the mean cosine reward rises "
+                  f"from {curve['first']:.2f} to {curve['last']:.2f} while NIAH collapses to "
+                  f"{100 * experiments.avg(runs[f'refine-only-s{seeds[0]}']):.1f}, and with it the reward levels off "
+                  f"after the first steps (mean of the first vs last 50 steps: "
+                  f"{sum(c['first'] for c in main) / len(main):.2f} → {sum(c['last'] for c in main) / len(main):.2f}; "
+                  f"curves below); every other number is in [results/results.md](results/results.md).")
+    return "\n".join(out + ["", ", and ".join(sentence) + ". " + second, "",
+                            "![NIAH](results/niah.png)", "", "![curves](results/curves.png)"]) + "\n"
+
+
+def update_readme(path, section, start="<!-- toy-results:start -->", end="<!-- toy-results:end -->"):
+    """Put `section` (readme_summary) between the markers."""
     text = path.read_text()
     if start not in text or end not in text:
         return
-    body = results_md.split("\n", 1)[1].strip().replace("](curves.png)", "](results/curves.png)")
-    body = "\n".join("##" + line if line.startswith("## ") else line for line in body.split("\n"))
     head, rest = text.split(start, 1)
-    path.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+    path.write_text(f"{head}{start}\n{section.strip()}\n{end}{rest.split(end, 1)[1]}")
     print(f"updated the toy results in {path}")

@@ -19,7 +19,6 @@ import torch
 
 import config
 import data
-import step
 from grpo import ntp_loss, policy_loss, rollout_advantages
 from reward import binary_reward, cosine_reward, compute_reward
 from rollout import collect_rollouts, logprobs_from_snapshots
@@ -53,12 +52,13 @@ def token_categories(x, tok):
 
 
 def signal(model, batches, cfg, tok, seed=0):
-    """The diagnostics of one model and one select_mode on `batches` (list of [B, T+1]) -> dict of python numbers."""
+    """The diagnostics of one model and one select_mode on `batches` (list of (ids [B, T+1], answer mask [B, T+1]))
+    -> dict of python numbers."""
     params = [p for p in model.parameters() if p.requires_grad]
     cat_all, cat_sel, cos_all, bin_all, adv_all, zero, g_nsp, g_ntp, g_cos = [], [], [], [], [], [], [], [], []
-    for i, batch in enumerate(batches):
+    for i, (batch, answers) in enumerate(batches):
         x, y = batch[:, :-1], batch[:, 1:]                               # [B, T] inputs and next-token targets
-        allowed = step.answer_mask(x, y, tok.name) if cfg.select_mode == "answer" else None
+        allowed = answers[:, 1:] if cfg.select_mode == "answer" else None   # [B, T] targets that are answers
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         out, ro = collect_rollouts(model, x, cfg, gen, allowed=allowed)  # with grad: the training forward
         cats = token_categories(x, tok)                                  # [B, T]
@@ -116,7 +116,7 @@ def diagnose_models(models, refine_args, seq_len, n_batches, seed, modes=("entro
     cfg = config.parse_args(list(refine_args))
     cfg = dataclasses.replace(cfg, eos_id=tok.eos_id)
     val = data.SyntheticData(tok, seq_len, seed, (1, min(4, seq_len // 18)), 2, ("S", "MQ", "MV"))   # what fits
-    batches = [val.get_batch(16) for _ in range(n_batches)]            # [16, T+1] each
+    batches = [val.get_batch(16, with_mask=True) for _ in range(n_batches)]   # ([16, T+1], its answer mask)
     out = {}
     for name, folder in models.items():
         model = load_pretrained(str(folder)).train()

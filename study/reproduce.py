@@ -2,10 +2,10 @@
 next-token prediction only (SFT) and with REFINE, 3 seeds each; score RULER-style NIAH at three lengths and the
 validation loss; then test-time training with and without REFINE; then why REFINE lands where it does.
 
-    python reproduce.py --ablations          # everything: about 40 minutes on 2 CPU cores -> results/
-    python reproduce.py                      # without the ablations (selection modes, reward, k, c)
-    python reproduce.py --quick              # a smoke run of every stage in about a minute (too small to conclude)
-    python reproduce.py --out_dir=out/repro --jobs=2 --seeds=0,1,2 --mid_steps=300 --n_eval=200 --ablations
+    python -m study.reproduce --ablations    # everything: about 40 minutes on 2 CPU cores -> results/
+    python -m study.reproduce                # without the ablations (selection modes, reward, k, c)
+    python -m study.reproduce --quick        # a smoke run of every stage in about a minute (too small to conclude)
+    python -m study.reproduce --out_dir=out/repro --jobs=2 --seeds=0,1,2 --mid_steps=300 --n_eval=200 --ablations
 
 Every training run is train.py itself (train.main with its own --out_dir). Work that the same command left in
 --out_dir with the same settings is reused (the bases, finished runs); anything else there is redone.
@@ -21,7 +21,8 @@ Every training run is train.py itself (train.main with its own --out_dir). Work 
   5. experiments.py: a REFINE-only run (no NTP term), a second toy with 3-6-word answers (its base continues the
      first one; SFT vs REFINE for every seed) and, with --ablations, selection entropy / uniform / answer for every
      seed; diagnose.py: where REFINE's positions fall, rewards, advantages, NSP vs NTP gradient norms.
-  6. results.md (tables), results.json (every number) and curves.png (needs matplotlib) in --results_dir.
+  6. results.md (tables), results.json (every number), niah.png and curves.png in --results_dir; with the
+     default --results_dir also the README's short summary. --report redoes step 6 alone from results.json.
 """
 import argparse
 import json
@@ -42,15 +43,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import config
 import data
-import diagnose
 import evaluate
-import experiments
 import step
 import train
 from checkpoint import load_pretrained
-from report import markdown, plot, summary, update_readme
+from study import diagnose, experiments
+from study.report import markdown, plot_curves, plot_niah, readme_summary, summary, update_readme
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]   # the repository
 VARIANTS = ("S", "MK", "MQ", "MV")
 EVAL_SEED, TTT_SEED, VAL_SEED = 9001, 9002, 9003      # held-out streams (eval salts differ from training's)
 DATA = ["--value_tokens=2", "--doc_styles=S,MQ,MV", "--min_needles=1", "--n_needles=4"]
@@ -67,10 +67,11 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/repro", help="training runs (reused when the settings match)")
-    p.add_argument("--results_dir", default=str(ROOT / "results"), help="results.md, results.json, curves.png")
+    p.add_argument("--results_dir", default=str(ROOT / "results"), help="results.md, results.json, niah.png, "
+                   "curves.png")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run: " + json.dumps(QUICK))
-    p.add_argument("--report", action="store_true", help="no runs: rewrite results.md (and the README section) "
-                   "from --results_dir/results.json")
+    p.add_argument("--report", action="store_true", help="no runs: redraw the figures and rewrite results.md (and "
+                   "the README section) from --results_dir/results.json")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each")
     p.add_argument("--model", default="toy-deltanet", choices=("toy-deltanet", "toy-lact"))
     p.add_argument("--seeds", default="0,1,2", help="mid-training seeds (data order and rollouts)")
@@ -128,12 +129,11 @@ def validation(model, tok, seq_len, n_batches, value_tokens=2):
     hi = data.value_range(value_tokens)[1]
     needles = (1, min(4, seq_len // (14 + 2 * hi)))                             # what fits, as train.load_data
     val = data.SyntheticData(tok, seq_len, VAL_SEED, needles, value_tokens, ("S", "MQ", "MV"))
-    batches = [val.get_batch(16) for _ in range(n_batches)]                     # [16, T+1] each
-    out = evaluate.eval_validation(model, batches)
+    batches = [val.get_batch(16, with_mask=True) for _ in range(n_batches)]    # ([16, T+1], answer mask)
+    out = evaluate.eval_validation(model, [b for b, _ in batches])
     nll, hits, count = 0.0, 0, 0
-    for batch in batches:
-        x, y = batch[:, :-1], batch[:, 1:]
-        mask = step.answer_mask(x, y, tok.name)                                 # [16, T] answer values
+    for batch, answers in batches:
+        x, y, mask = batch[:, :-1], batch[:, 1:], answers[:, 1:]                # [16, T]; mask: answer values
         logits = model(x).logits                                                 # [16, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         nll, count = nll + ce[mask].sum().item(), count + int(mask.sum())
@@ -354,11 +354,10 @@ def read_curve(path):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     results_dir = Path(args.results_dir)
-    if args.report:   # only the report, from the results.json of an earlier invocation
+    if args.report:   # only the report and figures, from the results.json of an earlier invocation
         res = json.loads((results_dir / "results.json").read_text())
-        res["figure"] = (results_dir / "curves.png").exists()
     else:
-        command = "python reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m study.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
         res = run_all(args)
         res["command"] = command.strip()
         log = Path(args.out_dir) / "invocations.jsonl"   # what each invocation computed, and how long it took
@@ -367,16 +366,14 @@ def main(argv=None):
                 res["base"].get("reused")), runs_reused=res["reused"], runs=sorted(res["runs"]))) + "\n")
         res["invocations"] = [json.loads(line) for line in open(log)]
         os.makedirs(args.results_dir, exist_ok=True)
-        figure = results_dir / "curves.png"
-        if figure.exists():   # never leave the figure of another invocation beside these numbers
-            figure.unlink()
-        print(plot(res, figure))
-        res["figure"] = figure.exists()
         (results_dir / "results.json").write_text(json.dumps(res, indent=1))
+    plot_niah(res, results_dir / "niah.png")
+    plot_curves(res, results_dir / "curves.png")
     (results_dir / "results.md").write_text(markdown(res))
-    print(f"wrote {results_dir / 'results.md'}, results.json ({res['wall_s']['total']:.0f}s in all)")
+    print(f"wrote {results_dir / 'results.md'}, niah.png, curves.png, results.json "
+          f"({res['wall_s']['total']:.0f}s in all)")
     if results_dir.resolve() == (ROOT / "results").resolve():
-        update_readme(ROOT / "README.md", markdown(res))
+        update_readme(ROOT / "README.md", readme_summary(res))
     return 0
 
 
