@@ -200,11 +200,13 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
 
 def triton_can_run(tensor):
     """True if the kernels can run on `tensor`: it is on CUDA, or TRITON_INTERPRET=1 and the kernels were built for
-    the interpreter (the flag must be set before triton is first imported)."""
+    the interpreter (the flag must be set before triton is first imported) of triton >= 3.9 (older interpreters take
+    int() of a 1-element array for the state pass's run-time loop bound range(NT), which numpy 2.4 rejects)."""
     if not TRITON_AVAILABLE:
         return False
     interpreted = type(chunk_output_kernel).__name__ == "InterpretedFunction"
-    return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted)
+    new_enough = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 9)
+    return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted and new_enough)
 
 
 def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
@@ -235,7 +237,7 @@ def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_fina
         raise ValueError(f"q, k, v must share one dtype of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if not triton_can_run(q):
-        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
+        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton >= 3.9)")
     scale = DK ** -0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # [B, H, K, V] fp32
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
