@@ -11,6 +11,10 @@
                               #   3. a DeltaNet-1.3B-shaped NTP step and REFINE step (c=8, k=5, n=1) at 16K tokens,
                               #      gradient checkpointing, bf16 autocast: tokens/s and peak GPU memory
                               #   exits 2 with a one-line message where no CUDA device is present
+    python bench.py compile   # no GPU needed: every Triton kernel compiled as its launcher would launch it (K = V =
+                              #   128, chunk 64; plain and with snapshots) for sm_80 (A100), sm_89 (L40, RTX 4090) and
+                              #   sm_90 (H100/H200) in bf16, fp16 and fp32: shared memory against the card's per-block
+                              #   limit, registers and local-memory spills per thread; exits 1 if a kernel does not fit
     python bench.py kernel refine   # several at once; -h / --help prints this text
 """
 import os
@@ -262,15 +266,134 @@ def bench_gpu():
         sys.exit(1)
 
 
+# ------------------------------------------------------------------------------------------ compile check (no GPU)
+# CUDA targets: compute capability -> (cards, the most shared memory one block may use in KB: the opt-in maximum)
+GPU_TARGETS = {80: ("A100", 163), 89: ("L40/RTX4090", 99), 90: ("H100/H200", 227)}
+
+
+def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
+    """Every Triton launch of one forward and one backward at the 1.3B model's head size (K = V = 128, H = 16), as
+    the launchers of kernels/ issue them, recorded instead of run: {(name, variant): (kernel, args, kwargs)}.
+    Variants: "plain" (NTP: no initial state, no snapshots) and "snapshots" (REFINE: fp32 chunk states, an initial
+    state, gradients into the final state, the chunk states and the rows of V'). The tensors stay on the CPU."""
+    import triton
+    from kernels import triton_delta as td, triton_delta_bwd as tdb
+    kernels = {n: f for m in (td, tdb) for n, f in vars(m).items() if n.endswith("_kernel")}
+    assert all(isinstance(f, triton.JITFunction) for f in kernels.values()), "unset TRITON_INTERPRET to compile"
+    launches, variant = {}, None
+
+    def recorder(name, kernel):
+        def run(*args, grid, warmup, **kwargs):  # what kernel[grid](*args, **kwargs) calls: recorded, not run
+            launches[name, variant] = (kernel, args, kwargs)
+        return run
+
+    for name, kernel in kernels.items():
+        kernel.run = recorder(name, kernel)  # an instance attribute, hiding JITFunction.run
+    try:
+        for variant in ("plain", "snapshots"):
+            snap = variant == "snapshots"
+            q, k = (torch.empty(1, T, H, K, dtype=dtype) for _ in range(2))  # [B, T, H, K]
+            v, beta = torch.empty(1, T, H, V, dtype=dtype), torch.empty(1, T, H, dtype=dtype)
+            h0 = torch.empty(1, H, K, V) if snap else None                    # [B, H, K, V] fp32
+            o, ht, (T_mat, w, h, v_new) = td.chunk_delta_rule_fwd(q, k, v, beta, K ** -0.5, h0, snap, chunk,
+                                                                  torch.float32 if snap else None)
+            tdb.chunk_delta_rule_bwd(q, k, v, beta, K ** -0.5, torch.empty_like(o), ht, T_mat, w, h, v_new, chunk,
+                                     snap, torch.empty_like(h) if snap else None, v_new if snap else None)
+    finally:
+        for kernel in kernels.values():
+            del kernel.run
+    return launches
+
+
+def compile_launch(kernel, args, kwargs, capability):
+    """Compile one recorded launch for sm_<capability> the way JITFunction.run does (its argument binder: dtypes,
+    16-byte alignment and divisibility of the integers; then triton.compile), with no GPU and no driver."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resource_usage(compiled):
+    """(registers per thread, local memory bytes per thread) of a compiled kernel, read from its cubin with the
+    cuobjdump that ships with triton (n_regs / n_spills are only filled in when a GPU loads the kernel). Local
+    memory is the stack frame (where ptxas puts spilled registers; these kernels have no local arrays) plus any
+    other local data: 0 means no spills."""
+    import re
+    import tempfile
+
+    import triton.backends.nvidia
+    tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda name: int(re.search(name + r":(\d+)", usage)[1])
+    return field("REG"), field("STACK") + field("LOCAL")
+
+
+def compile_check(capabilities=tuple(GPU_TARGETS), dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """Compile every Triton kernel of kernels/ as its launcher would launch it, for each CUDA target and dtype.
+    -> rows (sm, dtype, kernel, variant, shared bytes, shared limit bytes, registers, local bytes, fits)."""
+    rows = []
+    for dtype in dtypes:
+        launches = recorded_launches(dtype)
+        seen = {}
+        for sm in capabilities:
+            for (name, variant), (kernel, args, kwargs) in launches.items():
+                c = compile_launch(kernel, args, kwargs, sm)
+                if variant == "snapshots" and seen.get((sm, name)) == c.hash:
+                    continue  # the same binary as the plain launch (no flag or dtype of this kernel differs)
+                seen[sm, name] = c.hash
+                limit = GPU_TARGETS[sm][1] * 1024
+                regs, local = resource_usage(c)
+                rows.append((sm, str(dtype).removeprefix("torch."), name, variant, c.metadata.shared, limit, regs,
+                             local, c.metadata.shared <= limit))
+    return rows
+
+
+def bench_compile():
+    """The compile check's table (python bench.py compile); exits 1 if a kernel does not fit a card."""
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except ImportError as err:
+        print(f"bench.py compile: error: triton's NVIDIA backend does not import ({err}); pip install triton",
+              file=sys.stderr)
+        sys.exit(2)
+    start = time.perf_counter()
+    rows = compile_check()
+    print(f"{'target':<22} {'dtype':<9} {'kernel':<30} {'variant':<10} {'smem KB':>8} {'limit':>6} {'regs':>5} "
+          f"{'local B':>7}")
+    for sm, dtype, name, variant, shared, limit, regs, local, fits in rows:
+        print(f"{f'sm_{sm} {GPU_TARGETS[sm][0]}':<22} {dtype:<9} {name:<30} {variant:<10} {shared / 1024:>8.1f} "
+              f"{limit // 1024:>6} {regs:>5} {local:>7}{'' if fits else '  DOES NOT FIT'}")
+    report("compile_kernels", len(rows))
+    report("compile_max_smem_kb_by_target", ", ".join(
+        f"sm_{sm} {max(r[4] for r in rows if r[0] == sm) / 1024:.1f}/{GPU_TARGETS[sm][1]}" for sm in GPU_TARGETS))
+    report("compile_kernels_with_local_memory (spills)", sum(r[7] > 0 for r in rows))
+    report("compile_s", time.perf_counter() - start)
+    if not all(r[8] for r in rows):
+        print("bench.py compile: error: a kernel needs more shared memory than its card has (see above)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv):
-    jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine, "gpu": bench_gpu}
+    jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine, "gpu": bench_gpu,
+            "compile": bench_compile}
     which = argv or ["all"]
     if "-h" in which or "--help" in which:
         print(__doc__.strip())
         return
     for name in which:
         if name not in (*jobs, "all"):
-            print(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all or gpu "
+            print(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu or compile "
                   f"(--help lists them)", file=sys.stderr)
             sys.exit(2)
     if "gpu" in which and not torch.cuda.is_available():
@@ -278,7 +401,7 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     for name, job in jobs.items():
-        if name in which or ("all" in which and name != "gpu"):
+        if name in which or ("all" in which and name not in ("gpu", "compile")):
             job()
 
 

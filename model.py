@@ -7,6 +7,7 @@ checkpoint.save_pretrained), which imports this file.
 """
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,8 +90,9 @@ MODEL_PRESETS = {
 }
 
 
-@dataclass
-class LMOutput:
+# A NamedTuple, not a dataclass: FSDP2 hooks its pre-backward all-gather onto the output tensors it finds with torch's
+# pytree, which (torch 2.11) does not look into dataclasses; the backward of a decoding step would read a freed weight.
+class LMOutput(NamedTuple):
     logits: torch.Tensor              # [B, T, V] fp32
     hidden: torch.Tensor              # [B, T, D] last layer after the final norm (the head's input)
     snapshots: list | None = None     # per layer: state dict, row b*P + p = state after token snapshot_at[b, p]

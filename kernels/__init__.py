@@ -40,8 +40,8 @@ def resolve_backend(backend, x):
     if backend == "auto":
         return "triton" if x.is_cuda and _triton_runs(x) else "torch"
     if backend == "triton" and not _triton_runs(x):
-        raise ValueError("backend 'triton' needs a CUDA tensor and the triton package (or TRITON_INTERPRET=1 on "
-                         "CPU); use backend='torch' or 'recurrent'")
+        raise ValueError("backend 'triton' needs a CUDA tensor and the triton package (or TRITON_INTERPRET=1 and "
+                         "triton >= 3.9 on CPU); use backend='torch' or 'recurrent'")
     return backend
 
 

@@ -19,50 +19,15 @@ chunk states S_n (and their gradients) are stored in fp32, so a snapshot is as e
 Supported: chunk size 16/32/64, head dims DK, DV <= 128 (padded inside to a power of two >= 16 with masks), any T.
 """
 import os
-import types
 
 import torch
 
 from .chunked import deliver_snapshots, states_after
-
-try:
-    import triton
-    import triton.language as tl
-    TRITON_AVAILABLE = True
-except ImportError:  # keep the module importable so the dispatcher can read TRITON_AVAILABLE
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
-    TRITON_AVAILABLE = False
+from .triton_delta_bwd import chunk_delta_rule_bwd
+from .triton_tiles import TRITON_AVAILABLE, launch_config, load_rows, load_tile, store_tile, tl, triton
 
 CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_DIM = 128
-
-
-# ----------------------------------------------------------------------------------------------------- tile helpers
-@triton.jit
-def load_tile(ptr, r0, n_rows, stride, c0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
-    """[BR, BC] tile at rows r0.., columns c0.. of a row-major matrix (row stride `stride`), zero outside
-    [n_rows, n_cols]: this masks the last partial chunk and the padding of the head dims."""
-    r = r0 + tl.arange(0, BR)
-    c = c0 + tl.arange(0, BC)
-    mask = (r[:, None] < n_rows) & (c[None, :] < n_cols)
-    return tl.load(ptr + r[:, None] * stride + c[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def store_tile(ptr, x, r0, n_rows, stride, c0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
-    """Store the [BR, BC] tile x (cast to ptr's dtype) where load_tile would read it."""
-    r = r0 + tl.arange(0, BR)
-    c = c0 + tl.arange(0, BC)
-    mask = (r[:, None] < n_rows) & (c[None, :] < n_cols)
-    tl.store(ptr + r[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def load_rows(ptr, r0, n_rows, stride, BR: tl.constexpr):
-    """[BR] fp32 vector ptr[r * stride] for r = r0.., zero past n_rows (beta of one chunk)."""
-    r = r0 + tl.arange(0, BR)
-    return tl.load(ptr + r * stride, mask=r < n_rows, other=0.0).to(tl.float32)
 
 
 # ------------------------------------------------------------------------------------------ steps 1-3: WY / UT form
@@ -178,18 +143,6 @@ def chunk_output_kernel(q, k, v_new, h, o, scale, seq_len, H, NT, DK: tl.constex
 
 
 # ------------------------------------------------------------------------------------------------- host side
-def launch_options(dtype):
-    """num_warps / num_stages for every launch: fp32 tiles are twice as large, so they get no extra pipeline stage
-    (two stages of fp32 [64, 128] tiles overflow the shared memory of an H100)."""
-    return dict(num_warps=4, num_stages=1 if dtype == torch.float32 else 2)
-
-
-def block_sizes(DK, DV):
-    """Padded head dims (BKF, BVF: powers of two >= 16) and the column blocks used by the kernels."""
-    BKF, BVF = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
-    return BKF, BVF, min(64, BKF), min(64, BVF)
-
-
 def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT, state_dtype=None):
     """q, k [B, T, H, DK], v [B, T, H, DV], beta [B, T, H], h0 [B, H, DK, DV] fp32 or None (all contiguous);
     state_dtype: dtype of the stored chunk states S_n (default: the input dtype; fp32 for snapshots).
@@ -198,23 +151,21 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT, state
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    BKF, BVF, BK, BV = block_sizes(DK, DV)
-    opts = launch_options(q.dtype)
+    c, opts = launch_config(DK, DV, q.dtype)                                     # block sizes, num_warps/stages
     T_mat = k.new_empty(B, T, H, BT)                                             # [B, T, H, BT]: row t holds T_{t, :}
     w, u = torch.empty_like(k), torch.empty_like(v)                              # [B, T, H, DK], [B, T, H, DV]
-    wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, BK, BV, **opts)
+    wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, c.BK, c.BV, **opts)
 
     h = k.new_empty(B, NT, H, DK, DV, dtype=state_dtype or k.dtype)              # S_n, the state entering chunk n
     v_new = torch.empty_like(v)                                                  # V'
     ht = q.new_empty(B, H, DK, DV, dtype=torch.float32) if output_final_state else None
-    BVS = min(32, BVF)                                                           # more programs for the serial pass
-    chunk_state_pass_kernel[(triton.cdiv(DV, BVS), B * H)](
-        k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, BKF, BVS,
+    chunk_state_pass_kernel[(triton.cdiv(DV, c.BVS), B * H)](
+        k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, c.BKF, c.BVS,
         HAS_H0=h0 is not None, STORE_HT=output_final_state, **opts)
 
     o = torch.empty_like(v)
-    grid = (triton.cdiv(DV, BV), NT, B * H)
-    chunk_output_kernel[grid](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, BK, BV, **opts)
+    grid = (triton.cdiv(DV, c.BV), NT, B * H)
+    chunk_output_kernel[grid](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, c.BK, c.BV, **opts)
     return o, ht, (T_mat, w, h, v_new)
 
 
@@ -238,7 +189,6 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht, dh_states, dv_rows):
-        from .triton_delta_bwd import chunk_delta_rule_bwd
         q, k, v, beta, h0, T_mat, w, h, v_new = ctx.saved_tensors
         fp32 = lambda g: None if g is None else g.float().contiguous()
         dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
@@ -250,11 +200,13 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
 
 def triton_can_run(tensor):
     """True if the kernels can run on `tensor`: it is on CUDA, or TRITON_INTERPRET=1 and the kernels were built for
-    the interpreter (the flag must be set before triton is first imported)."""
+    the interpreter (the flag must be set before triton is first imported) of triton >= 3.9 (older interpreters take
+    int() of a 1-element array for the state pass's run-time loop bound range(NT), which numpy 2.4 rejects)."""
     if not TRITON_AVAILABLE:
         return False
     interpreted = type(chunk_output_kernel).__name__ == "InterpretedFunction"
-    return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted)
+    new_enough = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 9)
+    return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted and new_enough)
 
 
 def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
@@ -285,7 +237,7 @@ def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_fina
         raise ValueError(f"q, k, v must share one dtype of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if not triton_can_run(q):
-        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
+        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton >= 3.9)")
     scale = DK ** -0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # [B, H, K, V] fp32
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()

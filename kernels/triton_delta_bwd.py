@@ -15,10 +15,8 @@ and V'_n are outputs too and bring gradients of their own from outside, G_n and 
 The initial-state gradient is dS_0. Precision as in the forward: fp32 accumulation, dot operands in the input dtype.
 """
 import torch
-import triton
-import triton.language as tl
 
-from .triton_delta import block_sizes, launch_options, load_rows, load_tile, store_tile
+from .triton_tiles import launch_config, load_rows, load_tile, store_tile, tl, triton
 
 
 @triton.jit
@@ -176,25 +174,23 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, 
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    BKF, BVF, BK, BV = block_sizes(DK, DV)
-    opts = launch_options(q.dtype)
+    c, opts = launch_config(DK, DV, q.dtype)                                     # block sizes, num_warps/stages
     dv_new = torch.empty_like(v)                                                 # dV' (intra part, then full)
-    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_rows, dv_new, scale, T, H, DK, DV, BT, BK, BV,
+    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_rows, dv_new, scale, T, H, DK, DV, BT, c.BK, c.BV,
                                             HAS_DV_ROWS=dv_rows is not None, **opts)
 
     dh = torch.empty_like(h)                                                     # dS_{n+1} per chunk n
     dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32) if need_dh0 else None
-    BVS = min(32, BVF)
-    chunk_state_pass_bwd_kernel[(triton.cdiv(DV, BVS), B * H)](
-        q, k, w, do, dv_new, dh, dht, dh_states, dh0, scale, T, H, NT, DK, DV, BT, BKF, BVS,
+    chunk_state_pass_bwd_kernel[(triton.cdiv(DV, c.BVS), B * H)](
+        q, k, w, do, dv_new, dh, dht, dh_states, dh0, scale, T, H, NT, DK, DV, BT, c.BKF, c.BVS,
         HAS_DHT=dht is not None, HAS_DH_STATES=dh_states is not None, STORE_DH0=need_dh0, **opts)
 
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     dk_state = torch.empty_like(k, dtype=torch.float32)
-    chunk_output_bwd_dqk_kernel[(triton.cdiv(DK, BK), NT, B * H)](
-        q, k, v_new, do, dv_new, h, dh, dq, dk_state, dw, scale, T, H, NT, DK, DV, BT, BK, BV, **opts)
+    chunk_output_bwd_dqk_kernel[(triton.cdiv(DK, c.BK), NT, B * H)](
+        q, k, v_new, do, dv_new, h, dh, dq, dk_state, dw, scale, T, H, NT, DK, DV, BT, c.BK, c.BV, **opts)
 
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     wy_representation_bwd_kernel[(NT, B * H)](k, v, beta, T_mat, dw, dv_new, dk_state, dk, dv, dbeta, T, H, DK, DV,
-                                              BT, BK, BV, **opts)
+                                              BT, c.BK, c.BV, **opts)
     return dq, dk, dv, dbeta, dh0

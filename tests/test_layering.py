@@ -9,21 +9,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def project_imports():
-    """{module: set of project modules it imports}; kernels/* count as the package "kernels", study/x.py is
-    "study.x"."""
+    """{module: set of project modules it imports}. A package (kernels/, study/, course/) is the node "kernels" (its
+    __init__) and each of its files a node of its own ("kernels.chunked"); importing "kernels.x" also runs "kernels"."""
     files = {p.stem: p for p in ROOT.glob("*.py")}
-    files["kernels"] = ROOT / "kernels"
-    files.update({f"study.{p.stem}": p for p in (ROOT / "study").glob("*.py") if p.stem != "__init__"})
+    for pkg in ("kernels", "study", "course"):
+        files |= {pkg if p.stem == "__init__" else f"{pkg}.{p.stem}": p for p in (ROOT / pkg).glob("*.py")}
+    prefixes = lambda dotted: {".".join(dotted.split(".")[:i]) for i in range(1, dotted.count(".") + 2)}
     graph = {}
     for name, path in files.items():
-        sources = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
-        for src in sources:
-            for node in ast.walk(ast.parse(src.read_text())):
-                if isinstance(node, ast.Import):
-                    deps |= {a.name.split(".")[0] for a in node.names} | {a.name for a in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:   # study.x as well
-                    deps |= {node.module.split(".")[0], node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= set().union(*(prefixes(a.name) for a in node.names))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                deps |= set().union(*(prefixes(f"{node.module}.{a.name}") for a in node.names))
+            elif isinstance(node, ast.ImportFrom):  # relative, inside kernels/: from .chunked import x
+                base = ".".join(filter(None, [package, node.module]))
+                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
         graph[name] = (deps & set(files)) - {name}
     return graph
 
@@ -48,8 +51,10 @@ def import_order(graph):
 
 
 def test_no_import_cycles():
-    order = import_order(project_imports())
-    assert {"model", "checkpoint", "train", "phases", "step"} <= set(order)
+    graph = project_imports()
+    order = import_order(graph)
+    assert {"model", "checkpoint", "train", "phases", "step", "kernels.triton_delta"} <= set(order)
+    assert "kernels.triton_tiles" in graph["kernels.triton_delta_bwd"] and "kernels.chunked" in graph["kernels"]
     assert order.index("model") < order.index("checkpoint") and order.index("phases") < order.index("train")
     assert order.index("train") < order.index("study.reproduce") > order.index("study.report")   # the study on top
 
@@ -58,4 +63,11 @@ def test_the_check_finds_a_cycle():
     graph = project_imports()
     graph["model"] = graph["model"] | {"checkpoint"}
     with pytest.raises(AssertionError, match="import cycle: .*checkpoint -> model"):
+        import_order(graph)
+
+
+def test_the_check_finds_a_cycle_inside_kernels():
+    graph = project_imports()
+    graph["kernels.triton_tiles"] = graph["kernels.triton_tiles"] | {"kernels.triton_delta"}
+    with pytest.raises(AssertionError, match="import cycle: .*kernels.triton_delta -> .*kernels.triton_tiles"):
         import_order(graph)

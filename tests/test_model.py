@@ -163,3 +163,17 @@ def test_gradient_checkpointing_with_deferred_snapshots(arch):
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_every_output_tensor_is_a_pytree_leaf():
+    """FSDP2 registers the pre-backward all-gather of the root's weights (embeddings, lm_head) on the output tensors
+    that torch's pytree finds; an output type pytree cannot open (a dataclass, on torch 2.11) leaves them sharded
+    in the backward of a decoding step (tests/test_distributed.py runs that under torchrun)."""
+    from torch.utils._pytree import tree_flatten
+    model, x = tiny("deltanet"), ids(2, 9)
+    out = model(x, snapshot_at=torch.tensor([[3], [5]]))
+    step = model.step(x[:, :1], out.snapshots)
+    for o in (out, step):
+        leaves = {id(t) for t in tree_flatten(o)[0] if torch.is_tensor(t)}
+        tensors = [o.logits, o.hidden] + [t for s in (o.snapshots or o.state) for t in s.values()]
+        assert all(id(t) in leaves for t in tensors)
