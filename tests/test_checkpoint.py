@@ -187,6 +187,8 @@ def test_fused_mlp_split_matches_fla_semantics(tmp_path):
     gate, y = (x @ w["model.layers.1.mlp.gate_proj.weight"].T).chunk(2, -1)
     want = (F.silu(gate) * y) @ w["model.layers.1.mlp.down_proj.weight"].T
     with torch.no_grad():
+        # float32 matmuls over 32-64 terms of O(1) values in another grouping: ~1e-6 of summation order; a wrong
+        # split (next line) is O(1) off
         assert torch.allclose(mlp(x), want, atol=1e-6, rtol=0)
         swapped = (F.silu(y) * gate) @ w["model.layers.1.mlp.down_proj.weight"].T   # the order matters
         assert not torch.allclose(mlp(x), swapped, atol=1e-3)

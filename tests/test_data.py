@@ -206,6 +206,7 @@ def test_niah_mq_subset_and_errors():
 
 
 def test_niah_score_string_match_all():
+    # a ratio of counts in float64: one rounding; abs 1e-12
     assert data.niah_score(" 1234 and 5678 .", ["1234", "5678", "9999"]) == pytest.approx(2 / 3, abs=1e-12)
     assert data.niah_score("The Code is ABC", ["abc"]) == 1.0
     assert data.niah_score("", ["1"]) == 0.0

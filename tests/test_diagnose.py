@@ -32,6 +32,7 @@ def test_token_categories_match_the_answer_mask_on_generated_documents():
 
 def test_explained_variance():
     v = torch.tensor([1.0, 1.0, 3.0, 3.0])
+    # ratios of sums of 4 small integers: exact up to one rounding; approx's 1e-6 relative (1e-12 absolute)
     assert diagnose.explained_variance(v, torch.tensor([0, 0, 1, 1])) == pytest.approx(1.0)
     assert diagnose.explained_variance(v, torch.tensor([0, 1, 0, 1])) == pytest.approx(0.0)
     assert diagnose.explained_variance(torch.ones(3), torch.tensor([0, 1, 2])) == 0.0
@@ -43,5 +44,6 @@ def test_reward_curve_first_and_last_window(tmp_path):
                                for i in range(10)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     c = diagnose.reward_curve(path, window=3)
+    # means of 3 small numbers in float64: one rounding; approx's defaults
     assert c["steps"] == 10 and c["first"] == pytest.approx(1.0) and c["last"] == pytest.approx(8.0)
     assert diagnose.reward_curve(tmp_path / "missing.jsonl") is None

@@ -17,6 +17,7 @@ def test_entropy_uniform_onehot_known():
                            [math.log(0.5), math.log(0.25), math.log(0.25), -float("inf")]])
     H = token_entropy(logits)
     assert H.shape == (3,)
+    # float32 log-softmax and sums of 4 O(1) terms against float64 math: ~1e-7 each; atol 1e-6
     torch.testing.assert_close(H, torch.tensor([math.log(4), 0.0, 1.5 * math.log(2)]), atol=1e-6, rtol=0)
     assert H[1].item() == 0.0                                       # exactly 0, not NaN
 
@@ -25,6 +26,7 @@ def test_entropy_shift_invariant_and_batched_shape():
     logits = torch.randn(2, 3, 7)
     H = token_entropy(logits)
     assert H.shape == (2, 3)
+    # logits near 100 in float32 carry 100 x 2^-24 = 6e-6 of rounding each; atol 1e-5
     torch.testing.assert_close(token_entropy(logits + 100.0), H, atol=1e-5, rtol=0)
     assert (H >= 0).all() and (H <= math.log(7) + 1e-6).all()
 
@@ -44,6 +46,7 @@ def test_smooth_odd_kernel_zero_padding_counted():
     x = torch.tensor([[3.0, 6.0, 9.0, 12.0]])
     # kernel 3, pad 1: [(0+3+6)/3, (3+6+9)/3, (6+9+12)/3, (9+12+0)/3]
     expected = torch.tensor([[3.0, 6.0, 9.0, 7.0]])
+    # means of 3 small integers in float32: one rounding of ~5e-7 on values <= 9; atol 1e-6
     torch.testing.assert_close(smooth_entropy(x, 3), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(smooth_entropy(x, 2), expected, atol=1e-6, rtol=0)   # even k=2 -> kernel 3
 
@@ -54,11 +57,13 @@ def test_smooth_even_k4_uses_kernel5():
     expected = torch.tensor([[30 / 5, 50 / 5, 75 / 5, 100 / 5, 90 / 5, 75 / 5]])
     out = smooth_entropy(x, 4)
     assert out.shape == x.shape
+    # float32 means of values up to 30: rounding ~2e-6; atol 1e-5
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_smooth_k1_identity_and_bad_k():
     x = torch.randn(2, 9)
+    # kernel 1: the identity up to one division by 1 (exact): assert_close's defaults
     torch.testing.assert_close(smooth_entropy(x, 1), x)
     with pytest.raises(ValueError):
         smooth_entropy(x, 0)
@@ -211,6 +216,7 @@ def test_answer_mode_picks_only_allowed_positions_by_entropy():
     freq = torch.bincount(t[0], minlength=80).float() / N_DRAWS
     p = torch.softmax(torch.tensor([0.0, 0.0, 2.0]), 0)               # [0.1065, 0.1065, 0.7870]
     torch.testing.assert_close(freq[[30, 31, 60]], p, atol=TOL, rtol=0)
+    # frequencies of one draw count: sums of 3 float32 ratios, a few roundings; approx's 1e-6 relative
     assert freq[[30, 31, 60]].sum().item() == pytest.approx(1.0)       # nothing else is ever picked
     # row 1 has no allowed position: the chunked entropy draw, one position per chunk of its 40 real tokens
     t = select_positions(H, 4, k=1, mode="answer", margin=0, lengths=[80, 40], allowed=allowed,

@@ -137,6 +137,7 @@ def test_eval_validation_matches_cross_entropy():
     b1, b2 = torch.randint(0, 512, (2, 9), generator=g), torch.randint(0, 512, (3, 6), generator=g)
     res = evaluate.eval_validation(model, [b1])
     logits = model(b1[:, :-1]).logits
+    # float64 model: the same cross-entropy summed in another order, ~1e-15 on O(1) values; atol 1e-12
     torch.testing.assert_close(res["loss"], F.cross_entropy(logits.flatten(0, 1), b1[:, 1:].flatten()).item(),
                                atol=1e-12, rtol=0)
     assert res["acc"] == (logits.argmax(-1) == b1[:, 1:]).float().mean().item()
@@ -144,6 +145,7 @@ def test_eval_validation_matches_cross_entropy():
     both = evaluate.eval_validation(model, [b1, b2])
     l2 = F.cross_entropy(model(b2[:, :-1]).logits.flatten(0, 1), b2[:, 1:].flatten(), reduction="sum").item()
     l1 = res["loss"] * 16
+    # float64: token-weighted mean of two batches in another order: ~1e-15; atol 1e-12
     torch.testing.assert_close(both["loss"], (l1 + l2) / 31, atol=1e-12, rtol=0)
 
 # ----------------------------------------------------------------------------------------------- test-time training

@@ -15,6 +15,7 @@ AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 def test_advantages_two_and_four():
     # [1, 0]: mean 0.5, unbiased std sqrt(0.5) -> +-0.5 / 0.70711 = +-0.70711
     A = group_advantages(torch.tensor([[1.0, 0.0]]))
+    # the expected values are written to 5 decimals: atol 1e-5 is their rounding (float32 adds ~1e-7)
     torch.testing.assert_close(A, torch.tensor([[0.70711, -0.70711]]), atol=1e-5, rtol=0)
     # [1, 0, 1, 0]: std sqrt(1/3) -> +-0.5 / 0.57735 = +-0.86603
     A = group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
@@ -24,6 +25,7 @@ def test_advantages_two_and_four():
 def test_advantages_unbiased_std_and_eps():
     # [0, 1, 2]: unbiased std 1 (the biased one would be 0.8165) -> [-1, 0, 1] / (1 + eps)
     A = group_advantages(torch.tensor([[0.0, 1.0, 2.0]]), eps=0.25)
+    # float32 arithmetic on O(1) values: assert_close's float32 defaults (rtol 1.3e-6, atol 1e-5) cover a few roundings
     torch.testing.assert_close(A, torch.tensor([[-0.8, 0.0, 0.8]]))
 
 
@@ -35,6 +37,7 @@ def test_constant_group_gives_exact_zeros(scale):
     A = group_advantages(R, scale=scale)
     assert (A[:2] == 0).all()
     assert (A[2] != 0).any()
+    # a count over 3 groups in float: approx's 1e-6 relative covers the rounding of 2 / 3
     assert zero_std_fraction(R) == pytest.approx(2 / 3)
 
 
@@ -48,6 +51,7 @@ def test_batch_and_none_scaling():
     R = torch.tensor([[1.0, 0.0], [4.0, 0.0]])
     centred = torch.tensor([[0.5, -0.5], [2.0, -2.0]])
     # batch std of [1, 0, 4, 0]: mean 1.25, sum of squares 10.75, / 3 -> sqrt(3.58333) = 1.892969
+    # 1.892969 is written to 7 digits (rounding <= 5e-7 relative): atol 1e-6 on values <= 1.1
     torch.testing.assert_close(group_advantages(R, scale="batch"), centred / (1.892969 + 1e-6), atol=1e-6, rtol=0)
     torch.testing.assert_close(group_advantages(R, scale="none"), centred)
 
@@ -81,11 +85,13 @@ def _one(A, r, **kw):
 ])
 def test_loss_branches(A, r, loss, grad):
     value, g, _ = _one(A, r)
+    # hand-computed O(1) values in float32: a few roundings of ~1e-7; 1e-5 leaves room for exp/log (~1e-6)
     assert value == pytest.approx(loss, abs=1e-5)
     assert g == pytest.approx(grad, abs=1e-5)
 
 
 def test_asymmetric_clip_and_dual_constant():
+    # float32 exp/log of O(1) values: ~1e-6 at most; abs 1e-5
     assert _one(2.0, 1.5, clip_high=0.28)[0] == pytest.approx(-2.56, abs=1e-5)     # DAPO clip-higher
     assert _one(-1.0, 0.5, clip_low=0.1)[0] == pytest.approx(0.9, abs=1e-5)
     assert _one(-1.0, 5.0, clip_c=2.0)[0] == pytest.approx(2.0, abs=1e-5)
@@ -97,6 +103,7 @@ def test_stats():
     r = torch.tensor([1.5, 0.5, 5.0, 1.1])
     A = torch.tensor([2.0, -1.0, -1.0, 2.0])
     _, stats = policy_loss(r.log()[:, None], torch.zeros(4, 1), A, torch.ones(4, 1))
+    # fractions of 4 tokens are exact; ratio_mean / approx_kl: float32 exp/log of O(1) values, ~1e-6 -> abs 1e-5
     assert stats["clip_frac_high"] == pytest.approx(0.25)
     assert stats["clip_frac_low"] == pytest.approx(0.25)
     assert stats["dual_clip_frac"] == pytest.approx(0.25)
@@ -121,6 +128,7 @@ ADV = torch.tensor([1.0, -2.0])                                      # token los
 def test_aggregation_on_policy(agg, value, grad):
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -1.0]], requires_grad=True)
     loss, stats = policy_loss(logp, logp.detach().clone(), ADV, MASK, agg=agg)
+    # sums of a few O(1) float32 values: <= ~5e-7 of rounding; abs 1e-6
     assert loss.item() == pytest.approx(value, abs=1e-6)
     loss.backward()
     # on-policy: d loss / d logp = -A / divisor (valid tokens), 0 elsewhere
@@ -178,6 +186,7 @@ def test_micro_batches_sum_to_whole(agg, kl_coef):
                               ref_logp=ref[rows], kl_coef=kl_coef, n_total=n_total)
         total = total + loss
     total.backward()
+    # the same terms summed in 2 parts instead of 1: float32 summation order only (~1e-7 on O(1) values)
     torch.testing.assert_close(total, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(part_lp.grad, whole_lp.grad, atol=1e-6, rtol=1e-6)
 
@@ -218,6 +227,7 @@ def test_aggregate_ignores_nonfinite_masked_slots(agg):
     out.backward()
     expected = {"token-mean": 1.5, "seq-mean-token-mean": 1.5, "seq-mean-token-sum": 1.5,
                 "seq-mean-token-sum-norm": 3.0 / 4}[agg]
+    # a few float32 operations on O(1) values: approx's 1e-6 relative covers them
     assert out.item() == pytest.approx(expected)
     assert torch.isfinite(loss.grad).all() and (loss.grad[:, 1] == 0).all()
 
@@ -227,6 +237,7 @@ def test_huge_valid_log_ratio_is_clamped():
     logp = torch.tensor([[100.0]], requires_grad=True)
     loss, stats = policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
     loss.backward()
+    # exp of large log-ratios in float32: approx's 1e-6 relative is ~8 roundings
     assert loss.item() == pytest.approx(3.0) and logp.grad.item() == 0.0
     assert stats["approx_kl"] == pytest.approx(-20.0) and math.isfinite(stats["ratio_mean"])
 
@@ -241,6 +252,7 @@ def test_kl_branch():
     mask = torch.ones(2, 2)
     loss, stats = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, kl_coef=0.5)
     k3 = 2 - math.log(2) - 1
+    # float32 exp/log of O(1) values against float64 math: ~1e-7 each; abs 1e-6
     assert loss.item() == pytest.approx(-(1 - 3) / 2 + 0.5 * k3, abs=1e-6)      # -mean(A) + beta * k3
     assert stats["ref_kl"] == pytest.approx(k3, abs=1e-6)
     loss.backward()

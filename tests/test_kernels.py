@@ -38,6 +38,7 @@ def test_chunked_matches_recurrent_fp32(T, K, V, C, h0):
     o, s, g = run("torch", inputs, chunk_size=C)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+    # gradients sum over all later positions (up to T = 130 terms) in another order than the forward's sums: 5x
     for a, b in zip(g, g_ref):  # dq, dk, dv, dbeta, (dh0)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -94,6 +95,7 @@ def test_snapshots_equal_prefix_final_states(backend, h0, defer):
     o_ref, _ = delta_rule(q, k, v, beta, initial_state=s0, backend="recurrent")
     ref = prefix_states(q, k, v, beta, s0, POSITIONS)
     ref_grads = torch.autograd.grad((o_ref * do).sum() + (ref * ds).sum(), leaves)
+    # fp32, summation order only, as in test_chunked_matches_recurrent_fp32 (states 2e-5, gradients 1e-4)
     torch.testing.assert_close(snaps, ref, atol=2e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):  # dq, dk, dv, dbeta, (dh0)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -122,6 +124,7 @@ def test_snapshots_run_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, _, auto = delta_rule(q, k, v, beta, backend="torch", chunk_size=16, snapshot_at=pos)
     assert auto.dtype == torch.float32
+    # autocast must not touch the fp32 delta rule: the same operations, so assert_close's fp32 defaults
     torch.testing.assert_close(auto, plain)
 
 
@@ -154,4 +157,5 @@ def test_model_snapshots_follow_the_forced_backend(monkeypatch):
         states.append([s["S"] for s in model(x, snapshot_at=pos).snapshots])
     assert calls == ["defer", "defer"]  # one deferred pass per layer, only when forced
     for a, b in zip(*states):
+        # float64 model: the deferred recurrent pass and the chunked one differ in summation order (~1e-14)
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

@@ -2,6 +2,7 @@
 literal re-statement of the reference layer; hand-written inner gradients; Newton-Schulz; state-dict names.
 Tolerances: fp64 1e-10 (values) / 1e-9 (gradients); fp32 with Muon 1e-4 (Newton-Schulz amplifies rounding)."""
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +17,7 @@ from lact import (BASE_LR, LaCTMixer, fast_weight_update, inv_softplus, newton_s
 def one_thread():
     """Tiny tensors: one intra-op thread is fastest and avoids oversubscription on a shared CPU."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))   # the user's count where set (conftest.py)
     yield
     torch.set_num_threads(n)
 
@@ -294,6 +295,7 @@ def test_fast_weight_update_hand_example():
                               torch.full((1, 1), 0.5, dtype=torch.float64), (2 * one, one, one), use_muon=False)
     s = 1 / (1 + math.exp(-1))                                          # g = u = 1, silu(1) = s, delta = 1
     d0, d1, d2 = s * (1 + (1 - s)) + 0.5, s + 0.5, s + 0.5              # dW + 0.5 * M
+    # float64 against float64 math on O(1) values: a few roundings of 1.1e-16; abs 1e-14
     assert [float(t) for t in m] == pytest.approx([d0, d1, d2], abs=1e-14)
     # renormalisation to the initial row norms (2, 1, 1): |W + dW| / (|W + dW| + 1e-5) * norm
     expect = [n * (1 + d) / (1 + d + 1e-5) for n, d in zip((2, 1, 1), (d0, d1, d2))]
@@ -318,6 +320,8 @@ def test_newton_schulz():
     close(newton_schulz5(tall), newton_schulz5(tall.mT).mT, 1e-14)      # the transpose branch
     g32 = torch.randn(2, 6, 6)
     x16 = newton_schulz5(g32, torch.bfloat16)                           # the reference's bf16 mode
+    # bf16 has 8 bits of mantissa (rounding 2^-9 = 0.002 relative) and Newton-Schulz's 5 iterations of
+    # degree-5 polynomials amplify it; entries are O(1), a wrong mode (no orthogonalisation, fp32 skipped) is O(1) off
     assert x16.dtype == torch.float32 and (x16 - newton_schulz5(g32)).abs().max() < 0.2
 
 
@@ -343,8 +347,10 @@ def test_init_like_reference_and_bad_config():
     mix = LaCTMixer(Cfg(hidden_size=64, num_lact_heads=2, w0_w2_low_rank=8))
     assert torch.equal(mix.qk_scale, torch.ones(64, 2)) and torch.equal(mix.lr_proj.bias, torch.zeros(6))
     lr = F.softplus(mix.lr_proj(torch.zeros(1, 64)) + inv_softplus(BASE_LR))
+    # softplus(inv_softplus(x)) in float32: a few roundings; allclose's defaults (rtol 1e-5, atol 1e-8)
     assert torch.allclose(lr, torch.full((1, 6), 1e-3))                 # base lr 1e-3 at init
     w0 = mix.initial_weights()[0]
+    # float32 matmul of O(1) values summing 4 terms: ~1e-7; allclose's defaults (rtol 1e-5, atol 1e-8)
     assert torch.allclose(w0 - mix.w0.w_left @ mix.w0.w_right, 0.5 * torch.eye(32).expand(2, 32, 32))
     assert abs(mix.w0.w_left.std().item() - 0.5 / math.sqrt(8)) < 0.03
     assert abs(mix.w1.std().item() - 1 / math.sqrt(32)) < 0.03

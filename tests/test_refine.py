@@ -38,6 +38,7 @@ def test_snapshot_and_reforward_modes_agree(arch):
     out_s, ro_s = collect_rollouts(model, x, cfg, torch.Generator().manual_seed(5), mode="snapshot")
     out_r, ro_r = collect_rollouts(model, x, cfg, torch.Generator().manual_seed(5), mode="reforward")
     assert torch.equal(ro_s.positions, ro_r.positions) and torch.equal(ro_s.tokens, ro_r.tokens)
+    # float64 model: snapshot and per-prefix paths differ only in summation order (~1e-14 on O(1) values)
     tol = dict(atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ro_s.logp, ro_r.logp, **tol)
     torch.testing.assert_close(ro_s.h_pred, ro_r.h_pred, **tol)
@@ -89,6 +90,7 @@ def test_sample_token_knobs():
     gen = torch.Generator().manual_seed(0)
     tok, logp = sample_token(logits, top_k=2, generator=gen)
     assert set(tok.tolist()) == {2, 3}                                      # top-k keeps the 2 best
+    # the same float32 log-softmax of the same logits: assert_close's fp32 defaults
     torch.testing.assert_close(logp[tok == 3][0], torch.log_softmax(logits[0], -1)[3])  # untruncated policy
     tok, _ = sample_token(logits, suppress=3, generator=gen)
     assert 3 not in tok.tolist()                                            # EOS never drawn

@@ -21,6 +21,7 @@ def test_verdict_pairs_runs_by_seed():
            "runs": {"sft-s0": run(0.2, 0.4), "sft-s1": run(0.5, 0.5), "sft-s2": run(0.1, 0.1),
                     "refine-s0": run(0.3, 0.5), "refine-s1": run(0.6, 0.6), "refine-s2": run(0.2, 0.2)}}
     v = report.verdict(res)
+    # float64 differences of percentages (x100): ~1e-14 of rounding; abs 1e-9
     assert v["diffs"] == pytest.approx([10.0, 10.0, 10.0], abs=1e-9)  # +10 points in every pair
     assert v["sd"] == pytest.approx(0.0, abs=1e-9) and v["word"] == "better than"
     res["runs"]["refine-s2"] = run(0.0, 0.0)                            # -10 points: no longer consistent
@@ -46,6 +47,7 @@ def test_quick_run_writes_results_and_reuses_the_base(tmp_path):
     diag = res["diagnostics"]["base"]
     assert set(diag) == {"entropy", "uniform", "answer"}
     for mode in diag.values():
+        # float64 shares of one count: a few roundings; approx's 1e-6 relative
         assert sum(c["share_selected"] for c in mode["categories"].values()) == pytest.approx(1.0)
         assert mode["grad_nsp"] > 0 and mode["grad_ntp"] > 0
     assert diag["answer"]["categories"]["random"]["share_selected"] == 0.0   # never a needle's random key/value

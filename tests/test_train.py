@@ -22,7 +22,7 @@ TINY = ["--seq_len=32", "--batch_size=4", "--n_chunks=2", "--rollout_len=3", "--
 def run(*args, env=None):
     """train.py in a subprocess: (exit status, stdout, stderr)."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                       env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})   # 1 thread unless the user sets it
     return p.returncode, p.stdout, p.stderr
 
 
@@ -200,8 +200,10 @@ def test_ppo_layout_matches_fused_step(mode):
     ppo = step.train_step(model, opt, batch, config.TrainConfig(**{**vars(cfg), "ppo_mini_batch": 2,
                                                                    "ppo_epochs": 2}), 0, 0, 1, True)
     assert torch.equal(torch.cat(fused["rewards"]), torch.cat(ppo["rewards"]))
+    # the same per-micro-batch NTP losses, divided by mini-batch instead of batch token counts (a power of 2
+    # apart: exact) and added in another order: a few float32 roundings, ~4 U = 2.4e-7 relative; 1e-6 covers them.
+    # The NSP losses are not compared: on-policy at lr 0 they are 0 up to float noise (ratio 1, centred advantages)
     assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)
-    assert ppo["nsp_loss"] == pytest.approx(fused["nsp_loss"], rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.parametrize("preset", ["toy", "toy-lact"])

@@ -116,6 +116,7 @@ def test_single_token_by_hand(device, dtype):
     v = torch.linspace(-1.0, 1.0, 16).reshape(1, 1, 1, 16).to(device, dtype)
     beta = torch.full((1, 1, 1), 0.5, device=device, dtype=dtype)
     o, ht = td.triton_delta_rule(k, k, v, beta, scale=0.25, output_final_state=True, chunk_size=16)
+    # one token: a handful of operations on O(1) values; fp32 rounds to ~1e-7, fp16 inputs to 2^-11 = 5e-4
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(o.float(), 0.125 * v.float(), atol=tol)
     assert torch.allclose(ht, 0.5 * k[0, 0, 0].float()[:, None] * v[0, 0, 0].float()[None, :], atol=tol)
