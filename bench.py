@@ -2,14 +2,17 @@
 
     python bench.py kernel    # delta rule: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
     python bench.py decode    # per-token decoding cost vs context length; LaCT recompute vs incremental
-    python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts)
+    python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts),
+                              #   each step broken down into its pieces (forward, entropy + selection, snapshot
+                              #   gather, sampling, teacher-forced log-probs, rewards and losses, backward, optimiser)
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
     python bench.py gpu       # one CUDA GPU, under 8 minutes on an H100-class card:
                               #   1. the CUDA bf16 kernel tests (pytest tests/test_triton_kernel.py)
                               #   2. kernel timings, B=4 T=8192 H=16 K=V=128 bf16: forward and forward+backward,
                               #      torch vs Triton (vs fla's chunk_delta_rule when importable), with snapshots
                               #   3. a DeltaNet-1.3B-shaped NTP step and REFINE step (c=8, k=5, n=1) at 16K tokens,
-                              #      gradient checkpointing, bf16 autocast: tokens/s and peak GPU memory
+                              #      gradient checkpointing, bf16 autocast: tokens/s, peak GPU memory and the
+                              #      breakdown of each step as for `refine`
                               #   exits 2 with a one-line message where no CUDA device is present
     python bench.py kernel refine   # several at once; -h / --help prints this text
 """
@@ -203,7 +206,7 @@ class StepPieces:
         import grpo
         import rollout
         import step
-        targets = [(model, "forward", "forward"), (rollout, "token_entropy", "selection"),
+        targets = [(model, "forward", "forward"), (rollout, "token_entropy", "entropy"),
                    (rollout, "select_positions", "selection", "snapshot_gather"),
                    (rollout, "sample_from_snapshots", "sampling"),
                    (rollout, "logprobs_from_snapshots", "teacher_forced_logprobs"),
@@ -223,7 +226,7 @@ class StepPieces:
 
 
 _MISSING = object()
-PIECES = ("forward", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs", "rewards_and_losses",
+PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs", "rewards_and_losses",
           "backward", "optimiser")
 
 
