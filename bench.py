@@ -226,8 +226,8 @@ class StepPieces:
 
 
 _MISSING = object()
-PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs", "rewards_and_losses",
-          "backward", "optimiser")
+PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs",
+          "rewards_and_losses", "backward", "optimiser")
 
 
 def interleaved_steps(model, batch, kinds, repeat=7, warmup=2):

@@ -54,8 +54,8 @@ class ShortConv(nn.Conv1d):
         if tail is None:
             tail = x.new_zeros(x.shape[0], w - 1, x.shape[2])
         xt = torch.cat([tail, x], dim=1)                                       # [B, w-1+T, D]
-        if x.shape[1] < w:  # decoding: w products cost less than a convolution call
-            y = sum(xt[:, i:i + x.shape[1]] * self.weight[:, 0, i] for i in range(w))   # [B, T, D]
+        if x.shape[1] < w:  # decoding: w products cost less than a convolution call (x's dtype out, as conv1d)
+            y = (xt.unfold(1, w, 1) * self.weight[:, 0]).sum(-1).to(xt.dtype)   # [B, T, D, w] -> [B, T, D]
         else:
             y = F.conv1d(xt.transpose(1, 2), self.weight, groups=self.groups).transpose(1, 2)  # [B, T, D]
         return F.silu(y), xt[:, xt.shape[1] - (w - 1):]
