@@ -2,14 +2,17 @@
 
     python bench.py kernel    # delta rule: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
     python bench.py decode    # per-token decoding cost vs context length; LaCT recompute vs incremental
-    python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts)
+    python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts),
+                              #   each step broken down into its pieces (forward, entropy + selection, snapshot
+                              #   gather, sampling, teacher-forced log-probs, rewards and losses, backward, optimiser)
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
     python bench.py gpu       # one CUDA GPU, under 8 minutes on an H100-class card:
                               #   1. the CUDA bf16 kernel tests (pytest tests/test_triton_kernel.py)
                               #   2. kernel timings, B=4 T=8192 H=16 K=V=128 bf16: forward and forward+backward,
                               #      torch vs Triton (vs fla's chunk_delta_rule when importable), with snapshots
                               #   3. a DeltaNet-1.3B-shaped NTP step and REFINE step (c=8, k=5, n=1) at 16K tokens,
-                              #      gradient checkpointing, bf16 autocast: tokens/s and peak GPU memory
+                              #      gradient checkpointing, bf16 autocast: tokens/s, peak GPU memory and the
+                              #      breakdown of each step as for `refine`
                               #   exits 2 with a one-line message where no CUDA device is present
     python bench.py compile   # no GPU needed: every Triton kernel compiled as its launcher would launch it (K = V =
                               #   128, chunk 64; plain and with snapshots) for sm_80 (A100), sm_89 (L40, RTX 4090) and
@@ -22,9 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -160,50 +163,168 @@ def bench_decode():
     report("lact_recompute_over_incremental", recompute / incremental)
 
 
+class StepPieces:
+    """Where the time of real step.train_step calls goes. While `active`, the functions train_step runs are wrapped
+    (the very objects: module attributes that step.py, rollout.py and grpo.py look up at call time, the model's
+    forward, Tensor.backward, the optimiser) and each piece's wall time is added to `ms`, exclusive of the pieces
+    nested in it (CUDA synchronised at every boundary). Decoding calls of the model count in their caller
+    (sampling or the teacher-forced log-probs); what runs in the full forward after the selection is the snapshot
+    gather."""
+
+    def __init__(self):
+        self.ms, self.stack = {}, []
+
+    def _clock(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() * 1e3
+
+    def _add(self, name, since, now):
+        self.ms[name] = self.ms.get(name, 0.0) + now - since
+
+    def _enter(self, name):
+        now = self._clock()
+        if self.stack:  # pause the enclosing piece
+            self._add(*self.stack[-1], now)
+        self.stack.append([name, now])
+
+    def _leave(self, then=None):
+        now = self._clock()
+        self._add(*self.stack.pop(), now)
+        if self.stack:  # resume the enclosing piece, under a new name if `then` says so
+            self.stack[-1] = [then or self.stack[-1][0], now]
+
+    def _wrap(self, name, fn, then=None):
+        def run(*args, **kwargs):
+            if name == "forward" and kwargs.get("state") is not None:
+                return fn(*args, **kwargs)  # a decoding step: part of its caller
+            self._enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._leave(then if self.stack[:-1] and self.stack[-2][0] == "forward" else None)
+        return run
+
+    @contextmanager
+    def active(self, model, opt):
+        import grpo
+        import rollout
+        import step
+        targets = [(model, "forward", "forward"), (rollout, "token_entropy", "entropy"),
+                   (rollout, "select_positions", "selection", "snapshot_gather"),
+                   (rollout, "sample_from_snapshots", "sampling"),
+                   (rollout, "logprobs_from_snapshots", "teacher_forced_logprobs"),
+                   *[(mod, fn, "rewards_and_losses") for mod, fn in
+                     ((step, "compute_reward"), (step, "rollout_advantages"), (step, "zero_std_fraction"),
+                      (step, "ntp_loss"), (grpo, "policy_loss"), (grpo, "ntp_loss"))],
+                   (torch.Tensor, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "optimiser"),
+                   (opt, "step", "optimiser"), (opt, "zero_grad", "optimiser")]
+        saved = [(obj, attr, obj.__dict__.get(attr, _MISSING)) for obj, attr, *_ in targets]
+        try:
+            for obj, attr, name, *then in targets:
+                setattr(obj, attr, self._wrap(name, getattr(obj, attr), *then))
+            yield self
+        finally:
+            for obj, attr, old in saved:
+                delattr(obj, attr) if old is _MISSING else setattr(obj, attr, old)
+
+
+_MISSING = object()
+PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs",
+          "rewards_and_losses", "backward", "optimiser")
+
+
+def interleaved_steps(model, batch, kinds, repeat=7, warmup=2):
+    """Time train_step for each kind {name: (cfg, use_refine)} on batch [B, T+1], each with its own AdamW, the kinds
+    interleaved (round r runs them in turn, the order reversed every other round) after `warmup` untimed rounds, so
+    that warm-up and slow drifts of a shared machine hit all kinds alike.
+    -> {name: dict(step_ms, tokens_per_s, peak_mem_gib, and the median ms of every piece of PIECES plus `other`,
+    the step minus its pieces)}: medians over the timed rounds. A kind that runs out of GPU memory is reported,
+    not raised, and left out."""
+    from step import make_optimizer, train_step
+    model.train()
+    opts = {name: make_optimizer(model, cfg) for name, (cfg, _) in kinds.items()}
+    samples = {name: [] for name in kinds}
+    peak = {name: 0.0 for name in kinds}
+    for r in range(warmup + repeat):
+        for name in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):
+            if name not in opts:
+                continue
+            cfg, refine = kinds[name]
+            pieces = StepPieces()
+            if batch.is_cuda:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                with pieces.active(model, opts[name]):
+                    start = pieces._clock()
+                    train_step(model, opts[name], batch, cfg, 0, 0, 1, refine)
+                    total = pieces._clock() - start
+            except torch.cuda.OutOfMemoryError:
+                report(f"{name}_step", "out of memory")
+                del opts[name]
+                torch.cuda.empty_cache()
+                continue
+            if r >= warmup:
+                samples[name].append(dict(pieces.ms, step_ms=total, other=total - sum(pieces.ms.values())))
+                if batch.is_cuda:
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2 ** 30)
+    results = {}
+    for name in opts:
+        med = {key: statistics.median(s.get(key, 0.0) for s in samples[name])
+               for key in ("step_ms", *PIECES, "other")}
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        results[name] = dict(med, tokens_per_s=tokens / (med["step_ms"] / 1e3),
+                             peak_mem_gib=peak[name] if batch.is_cuda else None)
+    return results
+
+
+def report_steps(results, tag):
+    """The step time and its breakdown for each kind: `<kind>_step_ms`, then `<kind>_<piece>_ms` lines."""
+    for name, r in results.items():
+        report(f"{name}_step_ms ({tag})", r["step_ms"])
+        for piece in (*PIECES, "other"):
+            if r[piece] or piece == "other":
+                report(f"{name}_{piece}_ms", r[piece])
+
+
 def bench_refine():
     from config import TrainConfig
-    from step import make_optimizer, train_step
     from model import build_model
+    from step import make_optimizer, train_step
     torch.manual_seed(0)
     cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
     model = build_model("toy-deltanet")
-    opt = make_optimizer(model, cfg)
     batch = torch.randint(0, 256, (2, 2049))
-    model.train()
-    step = lambda refine, mode: train_step(model, opt, batch, SimpleNamespace(**{**vars(cfg), "rollout_mode": mode}),
-                                          0, 0, 1, refine)
-    ntp = timeit(lambda: step(False, "snapshot"), repeat=5)
-    snap = timeit(lambda: step(True, "snapshot"), repeat=5)
-    refw = timeit(lambda: step(True, "reforward"), repeat=3)
-    report("ntp_step_ms (toy DeltaNet, B=2, T=2048)", ntp)
-    report("refine_snapshot_step_ms (c=8, k=5, n=1)", snap)
-    report("refine_reforward_step_ms", refw)
-    report("snapshot_over_ntp", snap / ntp)
+    report("machine", machine())
+    repeat, warmup = 9, 2
+    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine_snapshot": (cfg, True)}, repeat, warmup)
+    report_steps(results, f"toy DeltaNet, B=2, T=2048, c=8, k=5, n=1; medians of {repeat} interleaved steps "
+                          f"after {warmup} warm-up steps each")
+    opt = make_optimizer(model, cfg)
+    refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
+                  repeat=2)
+    snap = results["refine_snapshot"]["step_ms"]
+    report("refine_reforward_step_ms (the official per-prefix re-runs; median of 2 after 1 warm-up)", refw)
+    report("snapshot_over_ntp", snap / results["ntp"]["step_ms"])
     report("reforward_over_snapshot", refw / snap)
 
 
-def step_throughput(model, cfg, batch, use_refine, repeat=2, warmup=1):
-    """Time step.train_step on batch [B, T+1] (REFINE if use_refine, else NTP) with a fresh AdamW.
-    -> dict(step_ms, tokens_per_s (the B*T input tokens), peak_mem_gib: torch.cuda.max_memory_allocated over the
-    timed steps, weights, gradients and optimiser state included; None off CUDA)."""
-    from step import make_optimizer, train_step
-    opt = make_optimizer(model, cfg)
-    model.train()
-    run = lambda: train_step(model, opt, batch, cfg, 0, 0, 1, use_refine)
-    for _ in range(warmup):  # compiles the kernels and allocates the optimiser state
-        run()
-    if batch.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    ms = timeit(run, repeat=repeat, warmup=0)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if batch.is_cuda else None
-    return {"step_ms": ms, "tokens_per_s": batch.shape[0] * (batch.shape[1] - 1) / (ms / 1e3), "peak_mem_gib": peak}
+def machine():
+    """CPU model, torch's CPU capability and threads (and the GPU, if any): what a timing depends on."""
+    cpu = "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads{gpu}")
 
 
 def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, **overrides):
     """One sequence of seq_len tokens through an NTP step and a REFINE step (snapshot rollouts) of the model preset,
     with gradient checkpointing and (by default) bf16 autocast, as the paper's mid-training runs it per GPU.
-    Reports step time, tokens/s and peak memory of each; an out-of-memory step is reported, not raised."""
+    Reports step time with its breakdown, tokens/s and peak memory of each; an out-of-memory step is reported, not
+    raised."""
     from config import TrainConfig
     from model import build_model
     torch.manual_seed(0)
@@ -212,18 +333,11 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
     cfg = replace(TrainConfig(model=model_name, seq_len=seq_len, batch_size=1, dtype="bfloat16", lr=1e-6, eos_id=-1,
                               gradient_checkpointing=True), **overrides)  # c=8, k=5, n=1 by default
     batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
-    tag = f"{model_name} T={seq_len} {cfg.dtype} checkpointing"
     report(f"{model_name}_parameters", model.num_parameters())
     report("snapshot_delta_backend", resolve_backend(model.config.delta_backend, batch.float()))
-    results = {}
-    for name, refine in (("ntp", False), ("refine", True)):
-        try:
-            results[name] = r = step_throughput(model, cfg, batch, refine, repeat=repeat)
-        except torch.cuda.OutOfMemoryError:
-            report(f"{name}_step", f"out of memory ({tag})")
-            torch.cuda.empty_cache()
-            continue
-        report(f"{name}_step_ms ({tag})", r["step_ms"])
+    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine": (cfg, True)}, repeat, warmup=1)
+    report_steps(results, f"{model_name} T={seq_len} {cfg.dtype} checkpointing, medians of {repeat}")
+    for name, r in results.items():
         report(f"{name}_tokens_per_s", r["tokens_per_s"])
         if r["peak_mem_gib"] is not None:
             report(f"{name}_peak_mem_gib", r["peak_mem_gib"])

@@ -54,8 +54,11 @@ class ShortConv(nn.Conv1d):
         if tail is None:
             tail = x.new_zeros(x.shape[0], w - 1, x.shape[2])
         xt = torch.cat([tail, x], dim=1)                                       # [B, w-1+T, D]
-        y = F.conv1d(xt.transpose(1, 2), self.weight, groups=self.groups)      # [B, D, T]
-        return F.silu(y.transpose(1, 2)), xt[:, xt.shape[1] - (w - 1):]
+        if x.shape[1] < w:  # decoding: w products cost less than a convolution call (x's dtype out, as conv1d)
+            y = (xt.unfold(1, w, 1) * self.weight[:, 0]).sum(-1).to(xt.dtype)   # [B, T, D, w] -> [B, T, D]
+        else:
+            y = F.conv1d(xt.transpose(1, 2), self.weight, groups=self.groups).transpose(1, 2)  # [B, T, D]
+        return F.silu(y), xt[:, xt.shape[1] - (w - 1):]
 
 
 class DeltaNetMixer(nn.Module):
@@ -121,11 +124,10 @@ class DeltaNetMixer(nn.Module):
             snaps = {"S": states_at(positions).flatten(0, 1), "pos": (positions + 1).flatten()}
             # conv tails: the w-1 projections (before the conv) ending at token t, zeros before the start, gathered
             # from this pass (no weights are used after the pass: under FSDP2 they are sharded again by then)
-            idx = positions[:, :, None] + torch.arange(1, w, device=x.device)               # [B, P, w-1] in padded
+            idx = (positions[:, :, None] + torch.arange(2 - w, 1, device=x.device)).flatten(1)  # [B, P*(w-1)]
             for name, proj in zip(("conv_q", "conv_k", "conv_v"), projections):
-                padded = F.pad(proj, (0, 0, w - 1, 0))                                        # [B, w-1+T, d]
-                rows = torch.gather(padded, 1, idx.flatten(1)[:, :, None].expand(-1, -1, proj.shape[2]))
-                snaps[name] = rows.view(B * P, w - 1, -1)                                     # [B*P, w-1, d]
+                rows = torch.gather(proj, 1, idx.clamp(min=0)[:, :, None].expand(-1, -1, proj.shape[2]))
+                snaps[name] = torch.where(idx[:, :, None] >= 0, rows, 0).view(B * P, w - 1, -1)  # [B*P, w-1, d]
             return snaps
 
         if isinstance(snapshot_at, str):
@@ -143,7 +145,7 @@ class DeltaNetMixer(nn.Module):
     def step(self, x, state):
         """x: [B, T, D] new tokens (T = 1 when decoding), state: dict. Returns (y [B, T, D], new state)."""
         q, k, v, beta, (tq, tk, tv), _ = self._inputs(x, state)
-        if x.shape[1] == 1:  # one token: the recurrent form is the cheapest
+        if x.shape[1] < self.chunk_size:  # less than a chunk (decoding): the recurrent form is the cheapest
             o, S = recurrent_delta_rule(q, k, v, beta, None, state["S"], True)
         else:
             o, S = delta_rule(q, k, v, beta, initial_state=state["S"], output_final_state=True,

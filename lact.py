@@ -3,7 +3,7 @@ SwiGLU fast-weight network updated once per large chunk (apply-then-update), sum
 
 Three ways to run that agree (tests/test_lact.py), as for the DeltaNet mixer in fastweights.py:
   forward(x, snapshot_at=None) -> (y, snapshots)   full sequence from the empty state
-  step(x, state) -> (y, new_state)                  one token, functional, fixed cost per token
+  step(x, state) -> (y, new_state)                  T new tokens (T one-token steps), functional
   init_state(batch_size, device, dtype) -> state    the empty state
 State (first dim = batch, see `map_state`): pos [B] tokens consumed; attn_k/attn_v [B, window-1, Ha, dh] the last
 window-1 post-RoPE keys/values (most recent last, zeros before the sequence start); w0, w2 [B, Hl, dh, din] and
@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastweights import RMSNorm
+from kernels.chunked import deliver_snapshots
 
 BASE_LR = 1e-3  # lr = softplus(lr_proj(x) + inv_softplus(BASE_LR))
 NS_COEFFS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
@@ -263,13 +264,7 @@ class LaCTMixer(nn.Module):
         (with "defer": a function positions [B, P] -> that state, to call once the positions are chosen)."""
         B, T, _ = x.shape
         C = self.chunk
-        n_upd = (T - 1) // C                                           # chunk j < n_upd updates W for chunk j + 1
-        defer = isinstance(snapshot_at, str)                             # "defer": positions chosen after the pass
-        if defer:
-            n_upd = T // C                                             # a snapshot may need every complete chunk
-        elif snapshot_at is not None:
-            self._check_positions(snapshot_at, B, T)
-            n_upd = max(n_upd, int((snapshot_at.max() + 1) // C) if snapshot_at.numel() else 0)
+        n_upd = (T - 1) // C if snapshot_at is None else T // C     # chunk j < n_upd updates W for chunk j + 1
         pos = torch.arange(T, device=x.device).expand(B, T)
         p = self._project(x, pos)
         o_attn = sliding_window_attention(p["q"], p["k"], p["v"], self.window)  # [B, T, Ha, dh]
@@ -293,17 +288,7 @@ class LaCTMixer(nn.Module):
         # this block's forward ends, so a deferred snapshot must not read them later
         ws = [torch.stack(col) for col in zip(*ws)]                    # 3 x [updates + 1, B, Hl, ., .]
         ms = [torch.stack(col) for col in zip(*ms)] if self.use_momentum else None
-        if defer:
-            return y, lambda t: self._snapshots(self._check_positions(t, B, T), p, ws, ms)
-        return y, self._snapshots(snapshot_at, p, ws, ms)
-
-    @staticmethod
-    def _check_positions(t, B, T):
-        if t.dim() != 2 or t.shape[0] != B or t.dtype.is_floating_point:
-            raise ValueError(f"snapshot_at must be an integer tensor [B={B}, P], got {tuple(t.shape)}")
-        if t.numel() and (t.min() < 0 or t.max() >= T):
-            raise ValueError(f"snapshot_at positions must lie in [0, {T - 1}]")
-        return t
+        return y, deliver_snapshots(snapshot_at, lambda t: self._snapshots(t, p, ws, ms), B, T)  # checks t
 
     def _snapshots(self, t, p, ws, ms):
         """Gather the states after tokens t [B, P] from the forward's tensors (differentiably): rows B * P."""
@@ -349,12 +334,18 @@ class LaCTMixer(nn.Module):
         return state
 
     def step(self, x, state):
-        """One token per row. x: [B, 1, D], state as from init_state/step/forward snapshots (rows may differ in pos).
-        Returns y [B, 1, D] and a new state; the input state is not modified."""
+        """x: [B, T, D] new tokens, state as from init_state/step/forward snapshots (rows may differ in pos).
+        Returns y [B, T, D] and a new state; the input state is not modified. T > 1: T one-token steps."""
         B, C, W = x.shape[0], self.chunk, self.window
-        if x.dim() != 3 or x.shape[1] != 1 or state["pos"].shape != (B,):
-            raise ValueError(f"step takes x [B, 1, D] and a state of batch B, got {tuple(x.shape)}, "
+        if x.dim() != 3 or state["pos"].shape != (B,):
+            raise ValueError(f"step takes x [B, T, D] and a state of batch B, got {tuple(x.shape)}, "
                              f"pos {tuple(state['pos'].shape)}")
+        if x.shape[1] != 1:
+            ys = []
+            for t in range(x.shape[1]):
+                y, state = self.step(x[:, t:t + 1], state)
+                ys.append(y)
+            return torch.cat(ys, 1), state
         pos = state["pos"]                                              # [B]
         p = self._project(x, pos[:, None])
         keys = torch.cat([state["attn_k"], p["k"]], dim=1)              # [B, W, Ha, dh], current key last

@@ -98,6 +98,7 @@ class LMOutput(NamedTuple):
     snapshots: list | None = None     # per layer: state dict, row b*P + p = state after token snapshot_at[b, p]
     state: list | None = None         # per layer: state dict after the last token (step only)
     positions: torch.Tensor | None = None  # [B, P] the positions of the snapshots
+    snapshot_logits: torch.Tensor | None = None  # [B*P, V] fp32: logits[b, positions[b, p]] at row b*P + p
 
 
 class MLP(nn.Module):
@@ -168,7 +169,10 @@ class FastWeightLM(nn.Module):
 
     def _head(self, h):  # [B, T, D] -> (logits fp32 [B, T, V], hidden [B, T, D])
         hidden = self.model.norm(h)
-        return self.lm_head(hidden).to(torch.promote_types(hidden.dtype, torch.float32)), hidden
+        return self._head_logits(hidden), hidden
+
+    def _head_logits(self, hidden):  # [..., D] after the final norm -> [..., V] fp32 (fp64 for fp64 weights)
+        return self.lm_head(hidden).to(torch.promote_types(hidden.dtype, torch.float32))
 
     def forward(self, input_ids, snapshot_at=None, state=None):
         """input_ids: LongTensor [B, T]; snapshot_at: None, LongTensor [B, P] of positions, or a function
@@ -193,7 +197,8 @@ class FastWeightLM(nn.Module):
         positions = snapshot_at(logits, hidden) if callable(snapshot_at) else snapshot_at
         if callable(snapshot_at):
             snapshots = [snaps(positions) for snaps in snapshots]
-        return LMOutput(logits, hidden, snapshots=snapshots, positions=positions)
+        rows = hidden[torch.arange(len(positions), device=h.device)[:, None], positions].flatten(0, 1)  # [B*P, D]
+        return LMOutput(logits, hidden, snapshots, positions=positions, snapshot_logits=self._head_logits(rows))
 
     def init_state(self, batch_size):
         """The empty decoding state: one dict per layer, on the model's device and dtype."""

@@ -36,16 +36,15 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, gen
     logits = logits.float()
     if suppress is not None and suppress >= 0:
         logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
-    logp = F.log_softmax(logits / temperature, dim=-1)                              # [N, V]
-    masked = logp.clone()
+    logp = masked = F.log_softmax(logits / temperature, dim=-1)                     # [N, V]
     if top_k and top_k < masked.shape[-1]:
         kth = masked.topk(top_k, dim=-1).values[:, -1:]                             # [N, 1]
-        masked[masked < kth] = float("-inf")
+        masked = masked.masked_fill(masked < kth, float("-inf"))                    # a new tensor: logp stays
     if top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
         sorted_lp, order = masked.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
         drop = torch.zeros_like(masked, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        masked[drop] = float("-inf")
+        masked = masked.masked_fill(drop, float("-inf"))
     tokens = torch.multinomial(masked.exp(), 1, generator=generator)[:, 0]         # [N]
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
@@ -69,7 +68,7 @@ def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=
     """out: LMOutput of model(input_ids, snapshot_at=...) with .snapshots and .positions [B, c].
     Samples n continuations of k tokens per prefix by incremental decoding from the detached snapshots."""
     state = map_model_state(lambda s: s.detach().repeat_interleave(n, 0), out.snapshots)
-    logits = prefix_logits(out.logits.detach(), out.positions).repeat_interleave(n, 0)          # [N, V]
+    logits = out.snapshot_logits.detach().repeat_interleave(n, 0)                                 # [N, V]
     tokens, logps, hiddens = [], [], []
     for _ in range(k):
         tok, lp = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
@@ -85,16 +84,13 @@ def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=
 
 def logprobs_from_snapshots(model, out, tokens, n=1, temperature=1.0):
     """Teacher-forced log-probs [N, k] of `tokens` [N, k] from the (differentiable) snapshots of `out`: the first
-    token from the full pass's logits, the others from k-1 decoding steps. Gradients reach the whole forward."""
+    token from the full pass's logits (out.snapshot_logits), the others from one model call over the first k-1
+    tokens from the snapshots (equal to k-1 decoding steps). Gradients reach the whole forward."""
     state = map_model_state(lambda s: s.repeat_interleave(n, 0), out.snapshots)
-    logits = prefix_logits(out.logits, out.positions).repeat_interleave(n, 0)                  # [N, V]
-    logps = []
-    for j in range(tokens.shape[1]):
-        logps.append(F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, j:j + 1])[:, 0])
-        if j + 1 < tokens.shape[1]:
-            step = model(tokens[:, j:j + 1], state=state)
-            state, logits = step.state, step.logits[:, 0]
-    return torch.stack(logps, 1)
+    logits = out.snapshot_logits.repeat_interleave(n, 0)[:, None]                                 # [N, 1, V]
+    if tokens.shape[1] > 1:
+        logits = torch.cat([logits, model(tokens[:, :-1], state=state).logits], 1)             # [N, k, V]
+    return F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, :, None])[..., 0]
 
 
 # ---- reforward mode: the official algorithm, every truncated prefix runs from scratch ----
@@ -129,13 +125,10 @@ def sample_by_reforward(model, input_ids, positions, k, n=1, temperature=1.0, to
                         generator=None, hidden=None):
     """The official way: a prefill of every truncated prefix, then k decoding steps; the old log-probs and hidden
     states come from another full forward of every prefix + rollout (reforward_logprobs)."""
-    B, c = positions.shape
-    rows = [(b, t) for b, row in enumerate(positions.tolist()) for t in row for _ in range(n)]
-    T = max(t for _, t in rows) + 1
-    ids = torch.stack([F.pad(input_ids[b, :t + 1], (0, T - t - 1)) for b, t in rows])                # [N, T]
-    last = torch.tensor([[t] for _, t in rows], device=ids.device)                                 # [N, 1]
-    out = model(ids, snapshot_at=last)
-    state, logits = out.snapshots, prefix_logits(out.logits, last)
+    no_tokens = input_ids.new_zeros(positions.numel() * n, 0)
+    ids, last = reforward_rows(input_ids, positions, no_tokens, n)                # [N, T] right-padded prefixes, [N]
+    out = model(ids, snapshot_at=last[:, None])
+    state, logits = out.snapshots, out.snapshot_logits
     tokens = []
     for _ in range(k):
         tok, _ = sample_token(logits, temperature, top_p, top_k, eos_id, generator)

@@ -57,6 +57,12 @@ def test_train_step_timing_on_a_toy_model(capsys):
         assert results[name]["tokens_per_s"] > 0 and results[name]["peak_mem_gib"] is None
         assert f"{name}_tokens_per_s:" in out
     assert "snapshot_delta_backend: torch" in out and "refine_over_ntp_step:" in out
+    # the breakdown: the real pieces of each step, measured inside it, and the rest of the step beside them
+    for piece in ("forward", "entropy", "snapshot_gather", "sampling", "teacher_forced_logprobs", "backward"):
+        assert results["refine"][piece] > 0 and f"refine_{piece}_ms:" in out, piece
+    assert results["ntp"]["sampling"] == 0 and "ntp_sampling_ms:" not in out
+    for r in results.values():  # a median of differences of sums: close to the step, not exactly it
+        assert sum(r[p] for p in bench.PIECES) <= 1.5 * r["step_ms"]
 
 
 def test_kernel_test_run_reports_the_summary(capsys):

@@ -216,7 +216,7 @@ def test_deferred_snapshots_equal_direct_snapshots():
         assert set(deferred) == set(snaps)
         for key in snaps:
             close(deferred[key].to(snaps[key].dtype), snaps[key], tol)
-        with pytest.raises(ValueError, match="snapshot_at"):
+        with pytest.raises(ValueError, match="snapshot positions"):
             take(torch.tensor([[3 * mix.chunk]] * 2))
 
 
@@ -359,5 +359,5 @@ def test_init_like_reference_and_bad_config():
             LaCTMixer(Cfg(**{field: value}))
     with pytest.raises(ValueError):
         LaCTMixer(Cfg(num_attn_heads=3))
-    with pytest.raises(ValueError, match="snapshot_at"):
+    with pytest.raises(ValueError, match="snapshot positions"):
         mix(torch.randn(1, 4, 64), snapshot_at=torch.tensor([[4]]))

@@ -180,3 +180,37 @@ def test_every_output_tensor_is_a_pytree_leaf():
         leaves = {id(t) for t in tree_flatten(o)[0] if torch.is_tensor(t)}
         tensors = [o.logits, o.hidden] + [t for s in (o.snapshots or o.state) for t in s.values()]
         assert all(id(t) in leaves for t in tensors)
+
+
+@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+@pytest.mark.parametrize("T", [4, 11])
+def test_multi_token_step_equals_single_steps(arch, T):
+    """model(ids, state=...) over T tokens equals T one-token steps: logits, hidden states, the final state and the
+    gradients of a loss on logits and final state, from snapshots. T = 11 crosses chunk boundaries (DeltaNet: one
+    chunk of 8 and more, the chunked form; T = 4 takes its recurrent form; LaCT: chunks of 5 with updates inside)."""
+    model, x = tiny(arch), ids(2, 19)
+    pos = torch.tensor([[2, 12], [6, 3]])
+    cont = ids(4, T, seed=3)
+    weights = torch.randn(4, T, 61, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    params = list(model.parameters())
+
+    def loss_of(logits, state):  # a fixed functional of the logits plus every float tensor of the final state
+        return (logits * weights).sum() + sum(t.sum() for s in state for t in s.values() if t.is_floating_point())
+
+    many = model(cont, state=model(x, snapshot_at=pos).snapshots)
+    g_many = torch.autograd.grad(loss_of(many.logits, many.state), params, allow_unused=True)
+    state, logits, hidden = model(x, snapshot_at=pos).snapshots, [], []
+    for j in range(T):
+        out = model(cont[:, j:j + 1], state=state)
+        state = out.state
+        logits.append(out.logits)
+        hidden.append(out.hidden)
+    logits = torch.cat(logits, 1)
+    torch.testing.assert_close(many.logits, logits, **TOL)
+    torch.testing.assert_close(many.hidden, torch.cat(hidden, 1), **TOL)
+    assert_state_close(many.state, state)
+    g_single = torch.autograd.grad(loss_of(logits, state), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), g_many, g_single):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL, msg=name)
