@@ -32,11 +32,11 @@ class Rollouts:
 
 def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, generator=None):
     """logits [N, V] -> (tokens [N], log-probs [N] under softmax(logits / temperature)). `suppress`: a token id
-    that may not be drawn (EOS, so every rollout has exactly k tokens)."""
-    logits = logits.float()
+    that may not be drawn (EOS, so every rollout has exactly k tokens). The log-probs are the policy's, before
+    suppression and truncation: what the teacher-forced pass scores, so the PPO ratio is exactly 1 on-policy."""
+    logp = masked = F.log_softmax(logits.float() / temperature, dim=-1)             # [N, V]
     if suppress is not None and suppress >= 0:
-        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
-    logp = masked = F.log_softmax(logits / temperature, dim=-1)                     # [N, V]
+        masked = logp.index_fill(-1, torch.tensor([suppress], device=logp.device), float("-inf")).log_softmax(-1)
     if top_k and top_k < masked.shape[-1]:
         kth = masked.topk(top_k, dim=-1).values[:, -1:]                             # [N, 1]
         masked = masked.masked_fill(masked < kth, float("-inf"))                    # a new tensor: logp stays

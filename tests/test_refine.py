@@ -29,10 +29,12 @@ def rewards_and_advantages(ro, cfg):
     return r, rollout_advantages(r, cfg.n_chunks, n, cfg.group_by, cfg.adv_scale)
 
 
+@pytest.mark.parametrize("eos_id", [None, 7])
 @pytest.mark.parametrize("arch", ["deltanet", "lact"])
-def test_snapshot_and_reforward_modes_agree(arch):
-    """fp64, tolerance 1e-9: the two modes differ only in how the prefix state is obtained."""
-    model, cfg = tiny(arch), SimpleNamespace(**CFG)
+def test_snapshot_and_reforward_modes_agree(arch, eos_id):
+    """fp64, tolerance 1e-9: the two modes differ only in how the prefix state is obtained. With EOS suppressed
+    in sampling, the sampled log-probs are still the policy's (the teacher-forced ones: PPO ratio 1 on-policy)."""
+    model, cfg = tiny(arch), SimpleNamespace(**dict(CFG, eos_id=eos_id))
     x = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
     out_s, ro_s = collect_rollouts(model, x, cfg, torch.Generator().manual_seed(5), mode="snapshot")
@@ -92,8 +94,9 @@ def test_sample_token_knobs():
     assert set(tok.tolist()) == {2, 3}                                      # top-k keeps the 2 best
     # the same float32 log-softmax of the same logits: assert_close's fp32 defaults
     torch.testing.assert_close(logp[tok == 3][0], torch.log_softmax(logits[0], -1)[3])  # untruncated policy
-    tok, _ = sample_token(logits, suppress=3, generator=gen)
+    tok, logp = sample_token(logits, suppress=3, generator=gen)
     assert 3 not in tok.tolist()                                            # EOS never drawn
+    torch.testing.assert_close(logp[0], torch.log_softmax(logits[0], -1)[tok[0]])   # the policy's, not renormalised
     tok, _ = sample_token(logits, top_p=0.5, generator=gen)                 # p(3) = 0.64 >= 0.5: only token 3
     assert set(tok.tolist()) == {3}
     tok, _ = sample_token(logits, temperature=1e-3, generator=gen)          # ~greedy
