@@ -235,18 +235,20 @@ def _assemble(rng, length, needles, tail, tail_mask, w, templates):
 def make_document(rng, length_tokens, tokenizer, n_needles=(1, 4), value_tokens=1, styles=("S",), return_mask=False):
     """A training document of exactly `length_tokens` tokens (no BOS): filler with n needles (n uniform in the
     inclusive range `n_needles`, or an int), then queries for ALL of them with their answers, so each answer is
-    predictable from context. Style drawn from `styles`: "S" one query line per needle (random order), "MQ" one line
+    predictable from context. Style drawn from `styles`: "S" one query line per needle (random order), "MK" one
+    needle asked, the others distract (the NIAH multi-key task: no answer can be had by elimination), "MQ" one line
     asking every key, "MV" one key with n values asked in one line (answers in order of appearance).
     return_mask=True also returns a 0/1 list marking the answer value tokens (e.g. to up-weight them in the loss)."""
     w, templates = _grammar(tokenizer)
     lo, hi = (n_needles, n_needles) if isinstance(n_needles, int) else n_needles
     n = int(rng.integers(lo, hi + 1))
     style = styles[int(rng.integers(len(styles)))]
-    if style not in ("S", "MQ", "MV"):
-        raise ValueError(f"unknown document style '{style}'; valid: S, MQ, MV")
+    if style not in ("S", "MK", "MQ", "MV"):
+        raise ValueError(f"unknown document style '{style}'; valid: S, MK, MQ, MV")
     needles = _sample_needles(rng, 1 if style == "MV" else n, n if style == "MV" else 1, value_tokens)
-    if style == "S":
-        lines = [_query("S", [needles[i][0]], [needles[i][1]]) for i in rng.permutation(n).tolist()]
+    if style in ("S", "MK"):
+        asked = rng.permutation(n).tolist()[:1 if style == "MK" else n]
+        lines = [_query("S", [needles[i][0]], [needles[i][1]]) for i in asked]
     elif style == "MQ":
         order = rng.permutation(n).tolist()
         lines = [_query("MQ", [needles[i][0] for i in order], [needles[i][1] for i in order])]

@@ -80,6 +80,9 @@ MODEL_PRESETS = {
     # tiny models that learn associative recall on a laptop CPU in minutes
     "toy-deltanet": ModelConfig(arch="deltanet", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_heads=2,
                                 bos_token_id=256, eos_token_id=257, pad_token_id=258),
+    # the toy preset's model: one head with 64-dim keys (2 x 32 learns key-value binding late and seed-dependently)
+    "toy-deltanet-1head": ModelConfig(arch="deltanet", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                      num_heads=1, bos_token_id=256, eos_token_id=257, pad_token_id=258),
     "toy-lact": ModelConfig(arch="lact", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attn_heads=2,
                             num_lact_heads=1, window_size=16, lact_chunk_size=16, w0_w2_low_rank=8,
                             rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258),

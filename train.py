@@ -75,9 +75,9 @@ def load_model(cfg, device):
 def load_data(cfg, tok, seq_len):
     if cfg.data == "synthetic":
         styles = tuple(cfg.doc_styles.split(","))
-        if not set(styles) <= {"S", "MQ", "MV"} or cfg.value_tokens < 1 or not 1 <= cfg.min_needles <= cfg.n_needles:
+        if not set(styles) <= {"S", "MK", "MQ", "MV"} or cfg.value_tokens < 1 or not 1 <= cfg.min_needles <= cfg.n_needles:
             raise ValueError(f"--doc_styles={cfg.doc_styles!r}, --value_tokens={cfg.value_tokens}, --min_needles="
-                             f"{cfg.min_needles}: need styles from S,MQ,MV, value_tokens >= 1, 1 <= min <= n_needles")
+                             f"{cfg.min_needles}: need styles from S,MK,MQ,MV, value_tokens >= 1, 1 <= min <= n_needles")
         values = (cfg.value_tokens, max(cfg.value_tokens, cfg.value_tokens_max))   # words per value: a range
         fit = max(1, seq_len // (14 + 2 * values[1]))   # a needle + its query take 14 + 2 * value_tokens
         needles = (min(cfg.min_needles, fit), min(cfg.n_needles, fit))

@@ -140,6 +140,21 @@ def test_document_styles_mq_mv_and_multi_token_values():
     assert text.endswith(f" What are all the codes for {needles[0][0]} ? " + " and ".join(v for _, v in needles) + " .")
 
 
+def test_document_style_mk_asks_one_needle_among_distractors():
+    seen = set()
+    for r in range(20):
+        ids, mask = data.make_document(data.train_rng(2, r), 160, WORD, n_needles=4, styles=("MK",), value_tokens=2,
+                                       return_mask=True)
+        text = WORD.decode(ids)
+        needles = dict(NEEDLE.findall(text))
+        m = re.search(r" What is the code for (\w+) \? (\w+ \w+) \.$", text)
+        assert len(needles) == 4 and m and needles[m.group(1)] == m.group(2)   # 3 distractors, 1 query
+        assert text.count(" What ") == 1
+        assert WORD.decode([t for t, k in zip(ids, mask) if k]).split() == m.group(2).split()
+        seen.add(list(needles).index(m.group(1)))
+    assert len(seen) > 1   # the asked needle is not always the same one
+
+
 def test_value_length_ranges():
     # an int keeps the original stream exactly; a range (lo, hi) draws each value's length from lo..hi
     assert data.value_range(2) == (2, 2) and data.value_range((3, 6)) == (3, 6)
@@ -166,7 +181,7 @@ def test_value_length_ranges():
 def test_document_too_short_and_bad_style():
     with pytest.raises(ValueError, match=r"length_tokens=20 is too short for 2 needles .*needs at least 32"):
         data.make_document(data.train_rng(0, 0), 20, WORD, n_needles=2)   # 2 needles x 7 + 2 queries x 9 = 32
-    with pytest.raises(ValueError, match="unknown document style 'X'; valid: S, MQ, MV"):
+    with pytest.raises(ValueError, match="unknown document style 'X'; valid: S, MK, MQ, MV"):
         data.make_document(data.train_rng(0, 0), 64, WORD, styles=("X",))
 
 
