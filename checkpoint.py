@@ -43,7 +43,7 @@ REFERENCE_DEFAULTS = {
                  ttt_prenorm=False, ttt_nope=False, lr_parameterization="mamba", ttt_loss_type="dot_product"),
 }
 _SWISH = ("swish", "silu")
-# Reference features we do not implement: field -> the values we support. Checked only when the field is present.
+# Reference features we do not implement: field -> the supported values, checked when present (true never matches 1).
 # Everything else the references define (attn_mode, fuse_*, use_l2warp, use_cache, use_fused_kernel, fp32_states,
 # chunk_size, attention_bias, elementwise_affine for LaCT, ...) is a kernel/training detail that leaves logits alone.
 SUPPORTED_VALUES = {
@@ -58,13 +58,6 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 
 
-def _same(a, b):
-    """JSON-value equality where true/false never equal 1/0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
-
-
 def config_from_hf(hf: dict) -> ModelConfig:
     """A reference config.json dict -> ModelConfig. ValueError for an unsupported model_type or feature."""
     if not isinstance(hf, dict):
@@ -74,7 +67,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     arch = MODEL_TYPES[model_type]
     for name, ok in SUPPORTED_VALUES[arch].items():
-        if name in hf and not any(_same(hf[name], v) for v in ok):
+        if name in hf and not any(hf[name] == v and isinstance(hf[name], bool) == isinstance(v, bool) for v in ok):
             raise ValueError(f"{model_type} feature {name}={hf[name]!r} is not implemented "
                              f"(supported: {' or '.join(json.dumps(v) for v in ok)})")
     ref = {**REFERENCE_DEFAULTS[arch], **{k: v for k, v in hf.items() if k in REFERENCE_DEFAULTS[arch]}}
@@ -108,19 +101,15 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 
 def _read_config(path):
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint folder '{folder}' does not exist; pass a folder with {CONFIG} and {WEIGHTS}")
-    if not (folder / CONFIG).is_file():
-        raise ValueError(f"'{folder}' has no {CONFIG}; a checkpoint folder needs {CONFIG} and {WEIGHTS}")
-    return _read_json(folder / CONFIG)
-
-
-def _read_json(file):
-    if not Path(file).is_file():
-        raise ValueError(f"config file '{file}' does not exist")
+    """The JSON of a config file, or of a checkpoint folder's config.json."""
+    p = Path(path)
+    file = p / CONFIG if p.is_dir() or not p.suffix else p
+    if not file.is_file():
+        raise ValueError(f"'{p}' has no {CONFIG}; a checkpoint folder needs {CONFIG} and {WEIGHTS}" if p.is_dir() else
+                         f"checkpoint folder or config file '{p}' does not exist; pass a folder with {CONFIG} and "
+                         f"{WEIGHTS}")
     try:
-        return json.loads(Path(file).read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"'{file}' is not valid JSON ({e})") from None
 
@@ -136,11 +125,7 @@ def _build(config, device):
 def model_from_config_json(path_or_dict, device="meta", **overrides) -> FastWeightLM:
     """A FastWeightLM from a reference config (a dict, a config.json file or a checkpoint folder), no weights loaded:
     on the meta device (the default) only shapes and parameter counts exist; elsewhere the reference init."""
-    if isinstance(path_or_dict, dict):
-        hf = path_or_dict
-    else:
-        p = Path(path_or_dict)
-        hf = _read_config(p) if p.is_dir() or not p.suffix else _read_json(p)
+    hf = path_or_dict if isinstance(path_or_dict, dict) else _read_config(path_or_dict)
     return _build(_override(config_from_hf(hf), overrides), device)
 
 
@@ -225,11 +210,9 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
         dtype = _dtype(stored) if stored else state["model.embeddings.weight"].dtype
     dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
     if tied:
-        state["lm_head.weight"] = state["model.embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embeddings.weight   # assign=True made two Parameters; share one
+        model.lm_head.weight = model.model.embeddings.weight   # the tied head shares the embedding Parameter
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
         raise RuntimeError(f"parameters left on the meta device after loading: {_short(on_meta)}")
@@ -287,9 +270,7 @@ def load_tokenizer(path):
     if importlib.util.find_spec("tokenizers") is None:
         raise ValueError(f"reading {TOKENIZER} needs the 'tokenizers' package: pip install tokenizers")
     from data import HFTokenizer
-    eos = hf.get("eos_token_id", 2)
-    pad = hf.get("pad_token_id")
-    return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), eos, eos if pad is None else pad)
+    return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), hf.get("eos_token_id", 2), hf.get("pad_token_id"))
 
 
 # ------------------------------------------------------------------------------------------ training checkpoints

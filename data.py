@@ -13,6 +13,7 @@ numpy SeedSequences with different salts, so no seed gives a training stream and
 Files: .txt (the whole file is ONE document), .jsonl ("text" per line), .parquet ("text" column, or "prompt" plus
 an optional "answer"/"answers" column: prompt + " " + first answer), or a folder searched recursively, sorted.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -46,18 +47,14 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
-class ByteTokenizer(TiktokenTokenizer):
+def ByteTokenizer():
     """One token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258."""
-
-    def __init__(self):
-        super().__init__(None, "byte", words=())
+    return TiktokenTokenizer(None, "byte", words=())
 
 
-class WordTokenizer(TiktokenTokenizer):
+def WordTokenizer():
     """The bytes, then every grammar word as one token, then bos/eos/pad."""
-
-    def __init__(self):
-        super().__init__(None, "word", words=GRAMMAR_WORDS)
+    return TiktokenTokenizer(None, "word", words=GRAMMAR_WORDS)
 
 
 class HFTokenizer:
@@ -87,10 +84,8 @@ TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
 
 def get_tokenizer(name):
     """"byte" | "word" | a tiktoken encoding (bos = eos = pad = its <|endoftext|>). ValueError if it cannot load."""
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "word":
-        return WordTokenizer()
+    if name in ("byte", "word"):
+        return ByteTokenizer() if name == "byte" else WordTokenizer()
     if name in TIKTOKEN_NAMES:
         try:
             enc = tiktoken.get_encoding(name)
@@ -129,17 +124,11 @@ def eval_rng(seed, index=0):
     return np.random.default_rng([_EVAL_SALT, seed, index])
 
 
-_WORD_IDS = {}   # id(tokenizer) -> (tokenizer, {word: ids of " word"}, template slots)
-
-
+@functools.cache
 def _grammar(tokenizer):
-    """Token ids of every grammar word under `tokenizer` (cached), and the templates as lists of id options."""
-    hit = _WORD_IDS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        w = {word: tokenizer.encode(" " + word) for word in GRAMMAR_WORDS}
-        slots = [[[w[x] for x in _SLOTS[s]] if s in _SLOTS else [w[s]] for s in t.split()] for t in TEMPLATES]
-        hit = _WORD_IDS[id(tokenizer)] = (tokenizer, w, slots)
-    return hit[1], hit[2]
+    """({word: ids of " word"} under `tokenizer`, the templates as lists of id options), cached per tokenizer."""
+    w = {word: tokenizer.encode(" " + word) for word in GRAMMAR_WORDS}
+    return w, [[[w[x] for x in _SLOTS[s]] if s in _SLOTS else [w[s]] for s in t.split()] for t in TEMPLATES]
 
 
 def _filler(rng, n_tokens, templates):
@@ -367,10 +356,6 @@ def _records(f):
     return rows
 
 
-def _answer_key(row):
-    return "answer" if "answer" in row else "answers" if "answers" in row else None
-
-
 def load_documents(path):
     """Documents (strings) of a file or folder; empty documents are dropped. See the module docstring for formats."""
     docs = []
@@ -388,7 +373,7 @@ def load_documents(path):
             if "text" in row:
                 docs.append(row["text"] or "")
             elif "prompt" in row:
-                prompt, ans = row["prompt"] or "", row.get(_answer_key(row))
+                prompt, ans = row["prompt"] or "", row.get("answer", row.get("answers"))
                 ans = (ans[0] if ans else "") if isinstance(ans, (list, tuple)) else ans or ""   # the first answer
                 docs.append(prompt + ("" if not ans or prompt[-1:].isspace() else " ") + ans)
             else:
@@ -405,10 +390,9 @@ def load_prompt_answer(path):
             raise ValueError(f"'{f}' is a .txt file; prompt/answer pairs need .parquet or .jsonl with 'prompt' "
                              f"and 'answer'")
         for row in _records(f):
-            key = _answer_key(row)
-            if "prompt" not in row or key is None:
+            if "prompt" not in row or "answer" not in row and "answers" not in row:
                 raise ValueError(f"'{f}' has no 'prompt' and 'answer'/'answers' fields (has: {', '.join(row)})")
-            ans = row[key]
+            ans = row.get("answer", row.get("answers"))
             pairs.append(dict(prompt=row["prompt"], answers=[] if ans is None else [ans] if isinstance(ans, str)
                               else [str(a) for a in ans]))
     return pairs

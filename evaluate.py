@@ -20,6 +20,14 @@ import rollout
 
 # ----------------------------------------------------------------------------------------------- generation
 
+def pad_batch(rows, pad_id, device):
+    """Right-pad token lists -> (ids [B, L], lengths [B])."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, generator=None):
@@ -29,32 +37,24 @@ def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, gener
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError(f"need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens}, {temperature}")
-    outputs = [[] for _ in prompts]
-    if max_new_tokens == 0:
-        return outputs
+    outputs, done = [[] for _ in prompts], [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        device = model.lm_head.weight.device
-        B, T = len(prompts), max(map(len, prompts))
-        ids = torch.zeros(B, T, dtype=torch.long, device=device)                  # [B, T] right-padded
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
-        last = torch.tensor([[len(p) - 1] for p in prompts], device=device)      # [B, 1] each row's last token
+        ids, lengths = pad_batch(prompts, 0, model.lm_head.weight.device)         # [B, T] right-padded, [B]
+        last = (lengths - 1)[:, None]                                              # [B, 1] each row's last token
         out = model(ids, snapshot_at=last)                                         # one prefill for the batch
         state = out.snapshots                                                      # row b: state after last[b]
         logits = rollout.prefix_logits(out.logits, last)                           # [B, V]
-        done = [False] * B
         for i in range(max_new_tokens):
             if temperature == 0:
                 tok = logits.argmax(-1)                                            # [B] greedy
             else:
                 tok, _ = rollout.sample_token(logits, temperature, generator=generator)
             for b, t in enumerate(tok.tolist()):
+                done[b] = done[b] or t == eos_id
                 if not done[b]:
-                    done[b] = eos_id is not None and t == eos_id
-                    if not done[b]:
-                        outputs[b].append(t)
+                    outputs[b].append(t)
             if all(done) or i == max_new_tokens - 1:
                 break
             step = model.step(tok[:, None], state)                                 # O(1) in the prompt length
@@ -101,7 +101,6 @@ def encode_prompt(tokenizer, text, max_prompt_tokens=None):
 
 # ----------------------------------------------------------------------------------------------- NIAH
 
-
 def niah_examples(tokenizer, variant, length, n_examples=100, seed=0, n_needles=4, value_tokens=1):
     """The evaluation examples of one variant@length: make_niah_example(eval_rng(seed, i)), i < n_examples."""
     return [data.make_niah_example(data.eval_rng(seed, i), variant, length, tokenizer, n_needles=n_needles,
@@ -141,7 +140,6 @@ def format_table(results):
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------- RULER QA, LongBench
-
 
 def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_size=4, max_prompt_tokens=None,
                   mode="refine"):
@@ -189,7 +187,6 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
 
 # ----------------------------------------------------------------------------------------------- validation
 
-
 @torch.no_grad()
 def eval_validation(model, batches):
     """Next-token loss and greedy (argmax) accuracy, token-weighted over batches [B, T+1] -> dict(loss, acc)."""
@@ -211,7 +208,6 @@ def eval_validation(model, batches):
     return dict(loss=loss_sum / count, acc=hits / count)
 
 # ----------------------------------------------------------------------------------------------- test-time training
-
 
 def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
     """Adapt on one prompt (list of ids) with `steps` REFINE steps (step.train_step on a batch of one: x =
@@ -257,7 +253,6 @@ def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_toke
                 n=n, per_example=per_example)
 
 # ----------------------------------------------------------------------------------------------- command line
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse prints the usage too)

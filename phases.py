@@ -17,7 +17,7 @@ import torch
 
 import data as datalib
 from checkpoint import save_pretrained
-from evaluate import decode, encode_prompt, generate_all, ttt_evaluate
+from evaluate import decode, encode_prompt, generate_all, pad_batch, ttt_evaluate
 from metrics import ruler_qa_score
 from step import lr_at, train_step
 
@@ -35,15 +35,6 @@ def load_pairs(cfg, tok, path, split, n):
     pairs = [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
                   answer_ids=tok.encode(" " + r["answers"][0])) for r in rows[:n] if r["answers"]]
     return pairs, ruler_qa_score
-
-
-def pad_batch(rows, pad_id, device):
-    """Right-pad token lists -> (ids [B, L], lengths [B])."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
 
 
 def score(model, tok, pairs, score_fn, max_new_tokens=32):
