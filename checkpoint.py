@@ -76,14 +76,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
             raise ValueError(f"{model_type} feature {name}=null is not implemented (give a number)")
     ref["hidden_ratio"] = 4 if ref["hidden_ratio"] is None else ref["hidden_ratio"]   # the references' fallback
     ref["pad_token_id"] = ref["eos_token_id"] if ref["pad_token_id"] is None else ref["pad_token_id"]
-    values = {"arch": arch}
-    for name, value in ref.items():
-        if name not in _FIELDS:
-            continue                                  # hidden_act, ttt_loss_type (checked above, not stored)
-        if isinstance(_FIELDS[name].default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        values[name] = value
-    return ModelConfig(**values)
+    values = {k: float(v) if isinstance(_FIELDS[k].default, float) and type(v) is int else v   # 1 -> 1.0, not True
+              for k, v in ref.items() if k in _FIELDS}   # hidden_act, ttt_loss_type: checked above, not stored
+    return ModelConfig(arch=arch, **values)
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -205,10 +200,7 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     bad = [f"{k} {list(state[k].shape)} (model {list(s)})" for k, s in expected.items() if tuple(state[k].shape) != s]
     if bad:
         raise ValueError(f"shape mismatches in '{folder}': {_short(bad, 3)}")
-    if dtype is None:
-        stored = hf.get("torch_dtype") or hf.get("dtype")
-        dtype = _dtype(stored) if stored else state["model.embeddings.weight"].dtype
-    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = _dtype(dtype or hf.get("torch_dtype") or hf.get("dtype") or state["model.embeddings.weight"].dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
     if tied:
@@ -233,9 +225,8 @@ def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
     if model.config.tie_word_embeddings:
         params.pop("lm_head.weight")                  # shares storage with model.embeddings.weight
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
-    hf = config_to_hf(model.config)
-    hf["torch_dtype"] = str(model.lm_head.weight.dtype).replace("torch.", "")
-    hf.update(extra or {})
+    hf = {**config_to_hf(model.config), "torch_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+          **(extra or {})}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     umask = os.umask(0)

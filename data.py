@@ -195,11 +195,9 @@ def _query(kind, keys, values):
 
 
 def _ids(words, w, mask=None):
-    ids, m = [], []
-    for i, word in enumerate(words):
-        ids += w[word]
-        m += [0 if mask is None else mask[i]] * len(w[word])
-    return ids, m
+    """(token ids of the words, each word's mask value (default 0) repeated over its tokens)."""
+    mask = [0] * len(words) if mask is None else mask
+    return [t for x in words for t in w[x]], [m for x, m in zip(words, mask) for _ in w[x]]
 
 
 def _assemble(rng, length, needles, tail, tail_mask, w, templates):
@@ -241,10 +239,8 @@ def make_document(rng, length_tokens, tokenizer, n_needles=(1, 4), value_tokens=
         lines = [_query("MQ", [needles[i][0] for i in order], [needles[i][1] for i in order])]
     else:
         lines = [_query("MV", [needles[0][0]], [v for _, v in needles])]
-    tail, tail_mask = [], []
-    for question, answer, mask in lines:
-        ids, m = _ids(question + answer, w, [0] * len(question) + mask)
-        tail, tail_mask = tail + ids, tail_mask + m
+    tail, tail_mask = _ids([x for q, a, _ in lines for x in q + a], w,
+                           [m for q, _, mask in lines for m in [0] * len(q) + mask])
     ids, mask = _assemble(rng, length_tokens, needles, tail, tail_mask, w, templates)
     return (ids, mask) if return_mask else ids
 

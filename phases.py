@@ -26,11 +26,10 @@ def load_pairs(cfg, tok, path, split, n):
     """-> list of dict(prompt_ids, answer_ids, answers) and the score function for them."""
     if path == "synthetic":
         rng = datalib.train_rng if split == "train" else datalib.eval_rng
-        pairs = []
-        for i in range(n):
-            ex = datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
-            pairs.append(dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"]))
-        return pairs, datalib.niah_score
+        examples = [datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
+                    for i in range(n)]
+        return [dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"])
+                for ex in examples], datalib.niah_score
     rows = datalib.load_prompt_answer(path)
     pairs = [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
                   answer_ids=tok.encode(" " + r["answers"][0])) for r in rows[:n] if r["answers"]]

@@ -47,11 +47,10 @@ def setup_distributed(cfg):
     if world == 1:
         return 0, 1, torch.device(device)
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world, torch.device("cuda", torch.cuda.current_device())
-    return rank, world, torch.device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dist.get_rank(), world, torch.device(device)
 
 
 def load_model(cfg, device):
@@ -178,7 +177,7 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(core.config),
                        "versions": versions(), "device": str(device)}, f, indent=1)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
-    if master:  # every run (and every resume) starts its log with the exact config, versions and device
+    if log:  # every run (and every resume) starts its log with the exact config, versions and device
         log.write(json.dumps({"config": dataclasses.asdict(cfg), "versions": versions(), "device": str(device),
                               "start_step": start}) + "\n")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
