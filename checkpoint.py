@@ -235,20 +235,16 @@ def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
     try:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
         if folder.is_dir():
             for entry in folder.iterdir():            # keep tokenizer files etc.; drop old weights and config
-                if entry.name in (CONFIG, INDEX) or entry.name.endswith(".safetensors"):
-                    continue
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                if entry.name not in (CONFIG, INDEX) and not entry.name.endswith(".safetensors"):
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
             os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path):

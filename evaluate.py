@@ -148,8 +148,7 @@ def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_s
     if not rows:
         raise ValueError(f"'{path}' holds no prompt/answer rows")
     prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
-    gen = generate_all(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size)
-    preds = [decode(tokenizer, g) for g in gen]
+    preds = [decode(tokenizer, g) for g in generate_all(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size)]
     scores = [metrics.ruler_qa_score(p, r["answers"], mode=mode) for p, r in zip(preds, rows)]
     return dict(score=sum(scores) / len(scores), n=len(scores), predictions=preds)
 
@@ -167,8 +166,7 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
         if missing:
             raise ValueError(f"'{f}' lacks the column(s) {', '.join(sorted(missing))}; LongBench files need task, "
                              f"prompt, answers")
-        table = pq.read_table(f, columns=["task", "prompt", "answers"]).to_pylist()[:limit]
-        for row in table:
+        for row in pq.read_table(f, columns=["task", "prompt", "answers"]).to_pylist()[:limit]:
             rows_by_task.setdefault(row["task"], []).append(row)
     if not rows_by_task:
         raise ValueError(f"no LongBench rows in {paths} (limit={limit})")
@@ -179,9 +177,8 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
         n_new = max_new_tokens or metrics.LONGBENCH_MAX_NEW_TOKENS[task]
         prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
         gen = generate_all(model, prompts, n_new, tokenizer.eos_id, batch_size)
-        scores = [metrics.longbench_score(task, decode(tokenizer, g), r["answers"], mode=mode)
-                  for g, r in zip(gen, rows)]
-        results[task] = sum(scores) / len(scores)
+        results[task] = sum(metrics.longbench_score(task, decode(tokenizer, g), r["answers"], mode=mode)
+                            for g, r in zip(gen, rows)) / len(rows)
     results["average"] = sum(results.values()) / len(results)
     return results
 
@@ -285,10 +282,9 @@ def main(argv=None):
                        "  python evaluate.py --ckpt out/ --task niah --lengths 256,512,1024 --n 100 --out r.json\n"
                        "  python evaluate.py --ckpt out/hf --task ruler --data ruler_squadqa_lact_4096.parquet\n"
                        "  python evaluate.py --ckpt out/ --task longbench --data longbench/ --limit 20\n"
-                       "  python evaluate.py --ckpt out/ --task val --data books.jsonl --seq-len 1024\n"
-                       "--ckpt: a Hugging Face style folder (config.json + model.safetensors) or a training out_dir "
-                       "holding one in hf/.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training out_dir with hf/ inside")
+                       "  python evaluate.py --ckpt out/ --task val --data books.jsonl --seq-len 1024")
+    p.add_argument("--ckpt", required=True, help="a Hugging Face style folder (config.json + model.safetensors), "
+                                                 "or a training out_dir holding one in hf/")
     p.add_argument("--task", required=True, choices=("niah", "ruler", "longbench", "val"),
                    help="niah: synthetic RULER needle-in-a-haystack (S/MK/MQ/MV); ruler: RULER QA parquet; "
                         "longbench: LongBench parquet files or folder; val: NTP loss/accuracy on a text file")
