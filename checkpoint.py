@@ -168,13 +168,6 @@ def _split_fused_mlp(state, expected):
     return state
 
 
-def _dtype(name):
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
-    return dt
-
-
 def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     """A FastWeightLM from a checkpoint folder in the reference layout, in eval mode. dtype: None keeps the
     checkpoint's (config torch_dtype / dtype, else the stored embedding's); device: None = cpu. overrides: runtime
@@ -200,7 +193,10 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     bad = [f"{k} {list(state[k].shape)} (model {list(s)})" for k, s in expected.items() if tuple(state[k].shape) != s]
     if bad:
         raise ValueError(f"shape mismatches in '{folder}': {_short(bad, 3)}")
-    dtype = _dtype(dtype or hf.get("torch_dtype") or hf.get("dtype") or state["model.embeddings.weight"].dtype)
+    name = str(dtype or hf.get("torch_dtype") or hf.get("dtype") or state["model.embeddings.weight"].dtype)
+    dtype = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
     if tied:

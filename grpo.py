@@ -152,15 +152,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         n_valid = max(int(valid.sum().item()), 1)
 
-        def frac(cond):                                               # fraction of valid tokens where cond holds
-            return ((cond & valid).sum().item()) / n_valid
+        def mean(x):                                                  # mean over valid tokens (bool: a fraction)
+            return torch.where(valid, x.float(), zero).sum().item() / n_valid
 
-        def mean(x):                                                  # mean over valid tokens
-            return torch.where(valid, x, zero).sum().item() / n_valid
-
-        stats["clip_frac_high"] = frac((A > 0) & (ratio > 1.0 + clip_high))
-        stats["clip_frac_low"] = frac((A < 0) & (ratio < 1.0 - clip_low))
-        stats["dual_clip_frac"] = frac(dual)
+        stats["clip_frac_high"] = mean((A > 0) & (ratio > 1.0 + clip_high))
+        stats["clip_frac_low"] = mean((A < 0) & (ratio < 1.0 - clip_low))
+        stats["dual_clip_frac"] = mean(dual)
         stats["approx_kl"] = mean(-log_ratio)
         stats["ratio_mean"] = mean(ratio)
         if use_kl:

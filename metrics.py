@@ -185,14 +185,9 @@ def longbench_score(task: str, prediction: str, answers: list, all_classes=None,
         # REFINE strips. This can move ROUGE: whitespace after the last full stop is one more (empty) word.
         prediction = prediction.strip()
 
-    if metric == "qa_f1":
-        scores = [qa_f1_score(prediction, gt) for gt in answers]
-    elif metric == "rouge_l":
-        scores = [rouge_l_score(prediction, gt) for gt in answers]
-    elif metric == "classification":
-        classes = TREC_CLASSES if all_classes is None else all_classes
-        scores = [classification_score(prediction, gt, classes) for gt in answers]
-    else:  # code_sim
-        line = _first_code_line(prediction, prediction if mode == "refine" else "")
-        scores = [_fuzz_ratio(line, gt) / 100 for gt in answers]
-    return max(0.0, *scores)
+    if metric == "code_sim":
+        prediction = _first_code_line(prediction, prediction if mode == "refine" else "")
+    classes = TREC_CLASSES if all_classes is None else all_classes
+    score = {"qa_f1": qa_f1_score, "rouge_l": rouge_l_score, "code_sim": lambda p, gt: _fuzz_ratio(p, gt) / 100,
+             "classification": lambda p, gt: classification_score(p, gt, classes)}[metric]
+    return max(0.0, *(score(prediction, gt) for gt in answers))

@@ -74,9 +74,8 @@ def post_train(cfg, model, opt, tok, device):
 
 def test_time_train(cfg, model, opt, tok, device):
     examples, score_fn = load_pairs(cfg, tok, cfg.data, "test", cfg.eval_examples)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     res = ttt_evaluate(model, opt, examples, cfg, cfg.ttt_steps, tok, 32, score_fn, reset=cfg.ttt_reset,
-                       generator=gen)
+                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     print(f"test-time training ({res['n']} examples, {cfg.ttt_steps} steps each, reset={cfg.ttt_reset}): "
           f"score without adaptation {res['base']:.4f}, with REFINE adaptation {res['adapted']:.4f}")
     return {k: res[k] for k in ("base", "adapted", "n")}

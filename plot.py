@@ -11,15 +11,9 @@ PANELS = (("ntp_loss", "NTP loss"), ("reward_mean", "mean reward"), ("lr", "lear
 SHADES = {"warmup": "tab:gray", "refine": "tab:orange", "sft": "tab:blue"}
 
 
-def phase_spans(rows):
-    """[(phase, first step, last step)] of the runs of consecutive rows with the same phase."""
-    runs = [list(run) for _, run in itertools.groupby(rows, key=lambda r: r["phase"])]
-    return [(run[0]["phase"], run[0]["step"], run[-1]["step"]) for run in runs]
-
-
 def plot_run(out_dir):
-    """Draw out_dir/curves.png -> dict(path, steps, phases: phase_spans). A resumed run logs some steps twice:
-    the last row of each step counts."""
+    """Draw out_dir/curves.png -> dict(path, steps, phases: [(phase, first step, last step)]). A resumed run logs
+    some steps twice: the last row of each step counts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -31,7 +25,8 @@ def plot_run(out_dir):
     if not rows:
         raise ValueError(f"{log} holds no step rows yet")
     fig, axes = plt.subplots(len(PANELS), 1, sharex=True, figsize=(8, 6.5))
-    spans = phase_spans(rows)
+    runs = [list(run) for _, run in itertools.groupby(rows, key=lambda r: r["phase"])]   # consecutive rows, one phase
+    spans = [(run[0]["phase"], run[0]["step"], run[-1]["step"]) for run in runs]         # (phase, first, last step)
     for ax, (key, label) in zip(axes, PANELS):
         steps = [r["step"] for r in rows if r.get(key) is not None]
         ax.plot(steps, [r[key] for r in rows if r.get(key) is not None], lw=0.8, color="black")
