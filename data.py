@@ -8,8 +8,6 @@ Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every 
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
   filler: 4 sentence templates over 44 filler words. K: 58 keys; V: `value_tokens` words out of 128 numbers
   (value_tokens: an int, or a range (lo, hi) from which each value's length is drawn: multi-token answers).
-Seeds: training rows come from train_rng(seed, row), evaluation examples from eval_rng(seed, index); they are
-numpy SeedSequences with different salts, so no seed gives a training stream and an evaluation stream alike.
 Files: .txt (the whole file is ONE document), .jsonl ("text" per line), .parquet ("text" column, or "prompt" plus
 an optional "answer"/"answers" column: prompt + " " + first answer), or a folder searched recursively, sorted.
 """
@@ -209,13 +207,9 @@ def _assemble(rng, length, needles, tail, tail_mask, w, templates):
                          f"(needs at least {fixed})")
     sentences, partial = _filler(rng, length - fixed, templates)
     where = np.sort(rng.integers(int(partial), len(sentences) + 1, size=len(needle_ids))).tolist()
-    ids, j = [], 0
-    for i in range(len(sentences) + 1):
-        while j < len(needle_ids) and where[j] == i:
-            ids += needle_ids[j]
-            j += 1
-        if i < len(sentences):
-            ids += sentences[i]
+    for j in reversed(range(len(needle_ids))):   # from the back, so the earlier boundaries keep their index
+        sentences.insert(where[j], needle_ids[j])
+    ids = [t for sentence in sentences for t in sentence]
     return ids + tail, [0] * len(ids) + tail_mask
 
 
