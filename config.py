@@ -128,11 +128,9 @@ def parse_args(argv):
     types = {f.name: f.type for f in fields(TrainConfig)}
     preset, overrides = None, {}
     argv = list(argv)
-    if "--preset" in argv:  # "--preset NAME" as well as "--preset=NAME"
+    if "--preset" in argv:  # "--preset NAME" as well as "--preset=NAME" (no NAME: the unknown preset '')
         i = argv.index("--preset")
-        if i + 1 == len(argv):
-            raise ValueError(f"--preset needs a name; choose one of {', '.join(PRESETS)}")
-        argv[i:i + 2] = [f"--preset={argv[i + 1]}"]
+        argv[i:i + 2] = ["--preset=" + "".join(argv[i + 1:i + 2])]
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--"):

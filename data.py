@@ -1,8 +1,7 @@
 """Data: tokenizers, a synthetic needle-in-a-haystack corpus (RULER-style) and text files.
 
-Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id,
-name. get_tokenizer: "byte" (259 tokens), "word" (the bytes + one token per grammar word + 3 specials: 504), or a
-tiktoken encoding (cached or downloadable); HFTokenizer: a local HuggingFace tokenizer.json.
+Tokenizers (get_tokenizer: byte, word, tiktoken; HFTokenizer) share one interface: encode(text) -> list[int],
+decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id, name.
 Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
@@ -51,7 +50,7 @@ def ByteTokenizer():
 
 
 def WordTokenizer():
-    """The bytes, then every grammar word as one token, then bos/eos/pad."""
+    """The bytes, then every grammar word as one token, then bos/eos/pad: 504 tokens."""
     return TiktokenTokenizer(None, "word", words=GRAMMAR_WORDS)
 
 

@@ -81,8 +81,7 @@ def generate_all(model, prompts, max_new_tokens, eos_id=None, batch_size=8):
 
 
 def decode(tokenizer, ids):
-    """Text of generated ids; ids beyond the tokenizer's vocabulary (a model's vocab is often padded, e.g. 504
-    word tokens in a 512-row head) decode to nothing."""
+    """Text of generated ids; ids beyond the tokenizer's vocabulary (a padded head: 504 words, 512 rows) are dropped."""
     return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
 
 
@@ -114,8 +113,7 @@ def score_niah(predictions, examples):
 
 def eval_niah(model, tokenizer, variants=("S", "MK", "MQ", "MV"), lengths=(256, 512, 1024), n_examples=100, seed=0,
               batch_size=32, n_needles=4, value_tokens=1):
-    """Greedy NIAH accuracy per variant and length -> {"S@256": score, ...}. Each answer may use
-    len(target) + 2 new tokens."""
+    """Greedy NIAH accuracy per variant and length -> {"S@256": score, ...}; answers get len(target) + 2 tokens."""
     results = {}
     for variant in variants:
         for length in lengths:

@@ -30,10 +30,9 @@ def load_pairs(cfg, tok, path, split, n):
                     for i in range(n)]
         return [dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"])
                 for ex in examples], datalib.niah_score
-    rows = datalib.load_prompt_answer(path)
-    pairs = [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
-                  answer_ids=tok.encode(" " + r["answers"][0])) for r in rows[:n] if r["answers"]]
-    return pairs, ruler_qa_score
+    rows = [r for r in datalib.load_prompt_answer(path)[:n] if r["answers"]]
+    return [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
+                 answer_ids=tok.encode(" " + r["answers"][0])) for r in rows], ruler_qa_score
 
 
 def score(model, tok, pairs, score_fn, max_new_tokens=32):
