@@ -151,10 +151,7 @@ def _read_weights(folder, device):
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise ValueError(f"'{folder}' lacks shard file(s) listed in {INDEX}: {_short(missing)}")
-    state = {}
-    for shard in shards:
-        state.update(load_file(folder / shard, device=device))
-    return state
+    return {name: t for shard in shards for name, t in load_file(folder / shard, device=device).items()}
 
 
 def _split_fused_mlp(state, expected):

@@ -63,8 +63,7 @@ class HFTokenizer:
             raise ValueError(f"tokenizer file '{path}' does not exist; pass the path of a local tokenizer.json")
         self.tok, self.name = Tokenizer.from_file(str(path)), f"hf:{path}"
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.pad_id = eos_id if pad_id is None else pad_id
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, eos_id if pad_id is None else pad_id
         for what, i in (("bos_id", self.bos_id), ("eos_id", self.eos_id), ("pad_id", self.pad_id)):
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"{what}={i} is outside the vocabulary of '{path}' (valid: 0..{self.vocab_size - 1})")
@@ -413,8 +412,7 @@ class TextData:
         return self._cached[1]
 
     def get_batch(self, batch_size, with_mask=False):
-        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), files
-        mark no answers."""
+        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), no answers"""
         L, rows = self.seq_len + 1, []
         for _ in range(batch_size):
             if self.window == self.windows_per_epoch:

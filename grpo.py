@@ -87,12 +87,10 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n
     denom = default_normaliser(mask, agg) if n_total is None else float(n_total)   # also checks agg
     if denom == 0:
         return loss.sum() * 0.0                                       # nothing valid: a zero that keeps the graph
-    if agg == "token-mean":
-        return loss.sum() / denom                                     # sum over valid tokens / #valid tokens
     if agg == "seq-mean-token-mean":
         count = valid.sum(dim=-1).clamp(min=1)                        # [N] valid tokens per sequence
         return (loss.sum(dim=-1) / count).sum() / denom               # mean over sequences of the token mean
-    # seq-mean-token-sum: token sum per sequence / #sequences; -norm: total sum / (N * k)
+    # token-mean: sum / #valid tokens; seq-mean-token-sum: / #sequences; -norm: / (N * k)
     return loss.sum() / denom
 
 
