@@ -126,9 +126,7 @@ def eval_niah(model, tokenizer, variants=("S", "MK", "MQ", "MV"), lengths=(256, 
 
 def format_table(results):
     """A markdown table variant x length (percent) from eval_niah's {"V@L": score}, with a row average."""
-    keys = [k.split("@") for k in results]
-    variants = list(dict.fromkeys(v for v, _ in keys))
-    lengths = list(dict.fromkeys(n for _, n in keys))
+    variants, lengths = (list(dict.fromkeys(key.split("@")[i] for key in results)) for i in (0, 1))   # in order
     lines = ["| variant | " + " | ".join(lengths) + " | avg |", "|---" * (len(lengths) + 2) + "|"]
     for v in variants:
         row = [results.get(f"{v}@{n}") for n in lengths]

@@ -175,7 +175,7 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(core.config),
                        "versions": versions(), "device": str(device)}, f, indent=1)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
-    if log:  # every run (and every resume) starts its log with the exact config, versions and device
+    if master:  # every run (and every resume) starts its log with the exact config, versions and device
         log.write(json.dumps({"config": dataclasses.asdict(cfg), "versions": versions(), "device": str(device),
                               "start_step": start}) + "\n")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -257,7 +257,7 @@ def final_evaluation(model, tok, val, cfg, log):
     results = {f"val_{k}": v for k, v in validation(model, val, cfg).items()}
     if cfg.data == "synthetic" and cfg.eval_examples > 0:
         niah = eval_niah(model, tok, lengths=tuple(int(n) for n in cfg.eval_lengths.split(",")),
-                         n_examples=cfg.eval_examples, seed=cfg.seed, value_tokens=cfg.value_tokens)   # as trained
+                         n_examples=cfg.eval_examples, seed=cfg.seed, value_tokens=cfg.value_tokens)   # trained length
         results.update({f"niah_{k}": v for k, v in niah.items()})
     if log is None:
         return
