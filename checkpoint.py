@@ -173,14 +173,11 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     folder = Path(path)
     hf = _read_config(folder)
     config = _override(config_from_hf(hf), overrides)
-    device = torch.device(device or "cpu")
     model = _build(config, "meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")                # the reference drops the tied copy when saving
-    state = _read_weights(folder, str(device))
-    if tied:
+    state = _read_weights(folder, str(torch.device(device or "cpu")))
+    if config.tie_word_embeddings:                    # the reference drops the tied copy when saving
+        expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
     state = _split_fused_mlp(state, expected)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
@@ -196,7 +193,7 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
         raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
-    if tied:
+    if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embeddings.weight   # the tied head shares the embedding Parameter
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
