@@ -43,7 +43,7 @@ REFERENCE_DEFAULTS = {
                  ttt_prenorm=False, ttt_nope=False, lr_parameterization="mamba", ttt_loss_type="dot_product"),
 }
 _SWISH = ("swish", "silu")
-# Reference features we do not implement: field -> the values we support. Checked only when the field is present.
+# Reference features we do not implement: field -> the supported values, checked when present (true never matches 1).
 # Everything else the references define (attn_mode, fuse_*, use_l2warp, use_cache, use_fused_kernel, fp32_states,
 # chunk_size, attention_bias, elementwise_affine for LaCT, ...) is a kernel/training detail that leaves logits alone.
 SUPPORTED_VALUES = {
@@ -58,13 +58,6 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
 
 
-def _same(a, b):
-    """JSON-value equality where true/false never equal 1/0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
-
-
 def config_from_hf(hf: dict) -> ModelConfig:
     """A reference config.json dict -> ModelConfig. ValueError for an unsupported model_type or feature."""
     if not isinstance(hf, dict):
@@ -74,7 +67,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     arch = MODEL_TYPES[model_type]
     for name, ok in SUPPORTED_VALUES[arch].items():
-        if name in hf and not any(_same(hf[name], v) for v in ok):
+        if name in hf and not any(hf[name] == v and isinstance(hf[name], bool) == isinstance(v, bool) for v in ok):
             raise ValueError(f"{model_type} feature {name}={hf[name]!r} is not implemented "
                              f"(supported: {' or '.join(json.dumps(v) for v in ok)})")
     ref = {**REFERENCE_DEFAULTS[arch], **{k: v for k, v in hf.items() if k in REFERENCE_DEFAULTS[arch]}}
@@ -83,14 +76,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
             raise ValueError(f"{model_type} feature {name}=null is not implemented (give a number)")
     ref["hidden_ratio"] = 4 if ref["hidden_ratio"] is None else ref["hidden_ratio"]   # the references' fallback
     ref["pad_token_id"] = ref["eos_token_id"] if ref["pad_token_id"] is None else ref["pad_token_id"]
-    values = {"arch": arch}
-    for name, value in ref.items():
-        if name not in _FIELDS:
-            continue                                  # hidden_act, ttt_loss_type (checked above, not stored)
-        if isinstance(_FIELDS[name].default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        values[name] = value
-    return ModelConfig(**values)
+    values = {k: float(v) if isinstance(_FIELDS[k].default, float) and type(v) is int else v   # 1 -> 1.0, not True
+              for k, v in ref.items() if k in _FIELDS}   # hidden_act, ttt_loss_type: checked above, not stored
+    return ModelConfig(arch=arch, **values)
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -108,19 +96,15 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 
 def _read_config(path):
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint folder '{folder}' does not exist; pass a folder with {CONFIG} and {WEIGHTS}")
-    if not (folder / CONFIG).is_file():
-        raise ValueError(f"'{folder}' has no {CONFIG}; a checkpoint folder needs {CONFIG} and {WEIGHTS}")
-    return _read_json(folder / CONFIG)
-
-
-def _read_json(file):
-    if not Path(file).is_file():
-        raise ValueError(f"config file '{file}' does not exist")
+    """The JSON of a config file, or of a checkpoint folder's config.json."""
+    p = Path(path)
+    file = p / CONFIG if p.is_dir() or not p.suffix else p
+    if not file.is_file():
+        raise ValueError(f"'{p}' has no {CONFIG}; a checkpoint folder needs {CONFIG} and {WEIGHTS}" if p.is_dir() else
+                         f"checkpoint folder or config file '{p}' does not exist; pass a folder with {CONFIG} and "
+                         f"{WEIGHTS}")
     try:
-        return json.loads(Path(file).read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"'{file}' is not valid JSON ({e})") from None
 
@@ -136,11 +120,7 @@ def _build(config, device):
 def model_from_config_json(path_or_dict, device="meta", **overrides) -> FastWeightLM:
     """A FastWeightLM from a reference config (a dict, a config.json file or a checkpoint folder), no weights loaded:
     on the meta device (the default) only shapes and parameter counts exist; elsewhere the reference init."""
-    if isinstance(path_or_dict, dict):
-        hf = path_or_dict
-    else:
-        p = Path(path_or_dict)
-        hf = _read_config(p) if p.is_dir() or not p.suffix else _read_json(p)
+    hf = path_or_dict if isinstance(path_or_dict, dict) else _read_config(path_or_dict)
     return _build(_override(config_from_hf(hf), overrides), device)
 
 
@@ -171,10 +151,7 @@ def _read_weights(folder, device):
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise ValueError(f"'{folder}' lacks shard file(s) listed in {INDEX}: {_short(missing)}")
-    state = {}
-    for shard in shards:
-        state.update(load_file(folder / shard, device=device))
-    return state
+    return {name: t for shard in shards for name, t in load_file(folder / shard, device=device).items()}
 
 
 def _split_fused_mlp(state, expected):
@@ -188,13 +165,6 @@ def _split_fused_mlp(state, expected):
     return state
 
 
-def _dtype(name):
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
-    return dt
-
-
 def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     """A FastWeightLM from a checkpoint folder in the reference layout, in eval mode. dtype: None keeps the
     checkpoint's (config torch_dtype / dtype, else the stored embedding's); device: None = cpu. overrides: runtime
@@ -203,14 +173,11 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     folder = Path(path)
     hf = _read_config(folder)
     config = _override(config_from_hf(hf), overrides)
-    device = torch.device(device or "cpu")
     model = _build(config, "meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")                # the reference drops the tied copy when saving
-    state = _read_weights(folder, str(device))
-    if tied:
+    state = _read_weights(folder, str(torch.device(device or "cpu")))
+    if config.tie_word_embeddings:                    # the reference drops the tied copy when saving
+        expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
     state = _split_fused_mlp(state, expected)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
@@ -220,16 +187,14 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     bad = [f"{k} {list(state[k].shape)} (model {list(s)})" for k, s in expected.items() if tuple(state[k].shape) != s]
     if bad:
         raise ValueError(f"shape mismatches in '{folder}': {_short(bad, 3)}")
-    if dtype is None:
-        stored = hf.get("torch_dtype") or hf.get("dtype")
-        dtype = _dtype(stored) if stored else state["model.embeddings.weight"].dtype
-    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    name = str(dtype or hf.get("torch_dtype") or hf.get("dtype") or state["model.embeddings.weight"].dtype)
+    dtype = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if tied:
-        state["lm_head.weight"] = state["model.embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embeddings.weight   # assign=True made two Parameters; share one
+    model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embeddings.weight   # the tied head shares the embedding Parameter
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
         raise RuntimeError(f"parameters left on the meta device after loading: {_short(on_meta)}")
@@ -250,9 +215,8 @@ def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
     if model.config.tie_word_embeddings:
         params.pop("lm_head.weight")                  # shares storage with model.embeddings.weight
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
-    hf = config_to_hf(model.config)
-    hf["torch_dtype"] = str(model.lm_head.weight.dtype).replace("torch.", "")
-    hf.update(extra or {})
+    hf = {**config_to_hf(model.config), "torch_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+          **(extra or {})}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     umask = os.umask(0)
@@ -261,20 +225,16 @@ def save_pretrained(model: FastWeightLM, path, extra=None, state=None):
     try:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
         if folder.is_dir():
             for entry in folder.iterdir():            # keep tokenizer files etc.; drop old weights and config
-                if entry.name in (CONFIG, INDEX) or entry.name.endswith(".safetensors"):
-                    continue
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                if entry.name not in (CONFIG, INDEX) and not entry.name.endswith(".safetensors"):
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
             os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path):
@@ -287,9 +247,7 @@ def load_tokenizer(path):
     if importlib.util.find_spec("tokenizers") is None:
         raise ValueError(f"reading {TOKENIZER} needs the 'tokenizers' package: pip install tokenizers")
     from data import HFTokenizer
-    eos = hf.get("eos_token_id", 2)
-    pad = hf.get("pad_token_id")
-    return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), eos, eos if pad is None else pad)
+    return HFTokenizer(folder / TOKENIZER, hf.get("bos_token_id", 1), hf.get("eos_token_id", 2), hf.get("pad_token_id"))
 
 
 # ------------------------------------------------------------------------------------------ training checkpoints

@@ -131,11 +131,9 @@ def parse_args(argv):
     types = {f.name: f.type for f in fields(TrainConfig)}
     preset, overrides = None, {}
     argv = list(argv)
-    if "--preset" in argv:  # "--preset NAME" as well as "--preset=NAME"
+    if "--preset" in argv:  # "--preset NAME" as well as "--preset=NAME" (no NAME: the unknown preset '')
         i = argv.index("--preset")
-        if i + 1 == len(argv):
-            raise ValueError(f"--preset needs a name; choose one of {', '.join(PRESETS)}")
-        argv[i:i + 2] = [f"--preset={argv[i + 1]}"]
+        argv[i:i + 2] = ["--preset=" + "".join(argv[i + 1:i + 2])]
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--"):
@@ -175,8 +173,7 @@ def validate(cfg):
     if cfg.rollout_len + 1 > cfg.seq_len // cfg.n_chunks:
         raise ValueError(f"--rollout_len={cfg.rollout_len} does not fit: each of the {cfg.n_chunks} chunks of "
                          f"seq_len {cfg.seq_len} needs more than rollout_len + 1 tokens")
-    micro = cfg.micro_batch_size or cfg.batch_size
-    mini = cfg.ppo_mini_batch or cfg.batch_size
+    micro, mini = cfg.micro_batch_size or cfg.batch_size, cfg.ppo_mini_batch or cfg.batch_size
     if cfg.batch_size % mini or mini % micro:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of ppo_mini_batch {mini}, itself a "
                          f"multiple of micro_batch_size {micro}")

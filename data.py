@@ -1,18 +1,16 @@
 """Data: tokenizers, a synthetic needle-in-a-haystack corpus (RULER-style) and text files.
 
-Tokenizers share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id,
-name. get_tokenizer: "byte" (259 tokens), "word" (the bytes + one token per grammar word + 3 specials: 504), or a
-tiktoken encoding (cached or downloadable); HFTokenizer: a local HuggingFace tokenizer.json.
+Tokenizers (get_tokenizer: byte, word, tiktoken; HFTokenizer) share one interface: encode(text) -> list[int],
+decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id, name.
 Synthetic grammar (a word-level recall task a tiny model learns on a CPU; every word is written with a leading space):
   needle " The code for K is V ."      query " What is the code for K ? V ."
   MQ     " What are the codes for K1 and K2 ? V1 and V2 ."      MV " What are all the codes for K ? V1 and V2 ."
   filler: 4 sentence templates over 44 filler words. K: 58 keys; V: `value_tokens` words out of 128 numbers
   (value_tokens: an int, or a range (lo, hi) from which each value's length is drawn: multi-token answers).
-Seeds: training rows come from train_rng(seed, row), evaluation examples from eval_rng(seed, index); they are
-numpy SeedSequences with different salts, so no seed gives a training stream and an evaluation stream alike.
 Files: .txt (the whole file is ONE document), .jsonl ("text" per line), .parquet ("text" column, or "prompt" plus
 an optional "answer"/"answers" column: prompt + " " + first answer), or a folder searched recursively, sorted.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -46,18 +44,14 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
-class ByteTokenizer(TiktokenTokenizer):
+def ByteTokenizer():
     """One token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258."""
-
-    def __init__(self):
-        super().__init__(None, "byte", words=())
+    return TiktokenTokenizer(None, "byte", words=())
 
 
-class WordTokenizer(TiktokenTokenizer):
-    """The bytes, then every grammar word as one token, then bos/eos/pad."""
-
-    def __init__(self):
-        super().__init__(None, "word", words=GRAMMAR_WORDS)
+def WordTokenizer():
+    """The bytes, then every grammar word as one token, then bos/eos/pad: 504 tokens."""
+    return TiktokenTokenizer(None, "word", words=GRAMMAR_WORDS)
 
 
 class HFTokenizer:
@@ -69,8 +63,7 @@ class HFTokenizer:
             raise ValueError(f"tokenizer file '{path}' does not exist; pass the path of a local tokenizer.json")
         self.tok, self.name = Tokenizer.from_file(str(path)), f"hf:{path}"
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.pad_id = eos_id if pad_id is None else pad_id
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, eos_id if pad_id is None else pad_id
         for what, i in (("bos_id", self.bos_id), ("eos_id", self.eos_id), ("pad_id", self.pad_id)):
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"{what}={i} is outside the vocabulary of '{path}' (valid: 0..{self.vocab_size - 1})")
@@ -87,10 +80,8 @@ TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
 
 def get_tokenizer(name):
     """"byte" | "word" | a tiktoken encoding (bos = eos = pad = its <|endoftext|>). ValueError if it cannot load."""
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "word":
-        return WordTokenizer()
+    if name in ("byte", "word"):
+        return ByteTokenizer() if name == "byte" else WordTokenizer()
     if name in TIKTOKEN_NAMES:
         try:
             enc = tiktoken.get_encoding(name)
@@ -129,17 +120,11 @@ def eval_rng(seed, index=0):
     return np.random.default_rng([_EVAL_SALT, seed, index])
 
 
-_WORD_IDS = {}   # id(tokenizer) -> (tokenizer, {word: ids of " word"}, template slots)
-
-
+@functools.cache
 def _grammar(tokenizer):
-    """Token ids of every grammar word under `tokenizer` (cached), and the templates as lists of id options."""
-    hit = _WORD_IDS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        w = {word: tokenizer.encode(" " + word) for word in GRAMMAR_WORDS}
-        slots = [[[w[x] for x in _SLOTS[s]] if s in _SLOTS else [w[s]] for s in t.split()] for t in TEMPLATES]
-        hit = _WORD_IDS[id(tokenizer)] = (tokenizer, w, slots)
-    return hit[1], hit[2]
+    """({word: ids of " word"} under `tokenizer`, the templates as lists of id options), cached per tokenizer."""
+    w = {word: tokenizer.encode(" " + word) for word in GRAMMAR_WORDS}
+    return w, [[[w[x] for x in _SLOTS[s]] if s in _SLOTS else [w[s]] for s in t.split()] for t in TEMPLATES]
 
 
 def _filler(rng, n_tokens, templates):
@@ -206,11 +191,9 @@ def _query(kind, keys, values):
 
 
 def _ids(words, w, mask=None):
-    ids, m = [], []
-    for i, word in enumerate(words):
-        ids += w[word]
-        m += [0 if mask is None else mask[i]] * len(w[word])
-    return ids, m
+    """(token ids of the words, each word's mask value (default 0) repeated over its tokens)."""
+    mask = [0] * len(words) if mask is None else mask
+    return [t for x in words for t in w[x]], [m for x, m in zip(words, mask) for _ in w[x]]
 
 
 def _assemble(rng, length, needles, tail, tail_mask, w, templates):
@@ -222,13 +205,9 @@ def _assemble(rng, length, needles, tail, tail_mask, w, templates):
                          f"(needs at least {fixed})")
     sentences, partial = _filler(rng, length - fixed, templates)
     where = np.sort(rng.integers(int(partial), len(sentences) + 1, size=len(needle_ids))).tolist()
-    ids, j = [], 0
-    for i in range(len(sentences) + 1):
-        while j < len(needle_ids) and where[j] == i:
-            ids += needle_ids[j]
-            j += 1
-        if i < len(sentences):
-            ids += sentences[i]
+    for j in reversed(range(len(needle_ids))):   # from the back, so the earlier boundaries keep their index
+        sentences.insert(where[j], needle_ids[j])
+    ids = [t for sentence in sentences for t in sentence]
     return ids + tail, [0] * len(ids) + tail_mask
 
 
@@ -254,10 +233,8 @@ def make_document(rng, length_tokens, tokenizer, n_needles=(1, 4), value_tokens=
         lines = [_query("MQ", [needles[i][0] for i in order], [needles[i][1] for i in order])]
     else:
         lines = [_query("MV", [needles[0][0]], [v for _, v in needles])]
-    tail, tail_mask = [], []
-    for question, answer, mask in lines:
-        ids, m = _ids(question + answer, w, [0] * len(question) + mask)
-        tail, tail_mask = tail + ids, tail_mask + m
+    tail, tail_mask = _ids([x for q, a, _ in lines for x in q + a], w,
+                           [m for q, _, mask in lines for m in [0] * len(q) + mask])
     ids, mask = _assemble(rng, length_tokens, needles, tail, tail_mask, w, templates)
     return (ids, mask) if return_mask else ids
 
@@ -369,10 +346,6 @@ def _records(f):
     return rows
 
 
-def _answer_key(row):
-    return "answer" if "answer" in row else "answers" if "answers" in row else None
-
-
 def load_documents(path):
     """Documents (strings) of a file or folder; empty documents are dropped. See the module docstring for formats."""
     docs = []
@@ -390,7 +363,7 @@ def load_documents(path):
             if "text" in row:
                 docs.append(row["text"] or "")
             elif "prompt" in row:
-                prompt, ans = row["prompt"] or "", row.get(_answer_key(row))
+                prompt, ans = row["prompt"] or "", row.get("answer", row.get("answers"))
                 ans = (ans[0] if ans else "") if isinstance(ans, (list, tuple)) else ans or ""   # the first answer
                 docs.append(prompt + ("" if not ans or prompt[-1:].isspace() else " ") + ans)
             else:
@@ -407,10 +380,9 @@ def load_prompt_answer(path):
             raise ValueError(f"'{f}' is a .txt file; prompt/answer pairs need .parquet or .jsonl with 'prompt' "
                              f"and 'answer'")
         for row in _records(f):
-            key = _answer_key(row)
-            if "prompt" not in row or key is None:
+            if "prompt" not in row or "answer" not in row and "answers" not in row:
                 raise ValueError(f"'{f}' has no 'prompt' and 'answer'/'answers' fields (has: {', '.join(row)})")
-            ans = row[key]
+            ans = row.get("answer", row.get("answers"))
             pairs.append(dict(prompt=row["prompt"], answers=[] if ans is None else [ans] if isinstance(ans, str)
                               else [str(a) for a in ans]))
     return pairs
@@ -442,8 +414,7 @@ class TextData:
         return self._cached[1]
 
     def get_batch(self, batch_size, with_mask=False):
-        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), files
-        mark no answers."""
+        """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask: (batch, None), no answers"""
         L, rows = self.seq_len + 1, []
         for _ in range(batch_size):
             if self.window == self.windows_per_epoch:

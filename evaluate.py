@@ -20,6 +20,14 @@ import rollout
 
 # ----------------------------------------------------------------------------------------------- generation
 
+def pad_batch(rows, pad_id, device):
+    """Right-pad token lists -> (ids [B, L], lengths [B])."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, generator=None):
@@ -29,32 +37,24 @@ def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, gener
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError(f"need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens}, {temperature}")
-    outputs = [[] for _ in prompts]
-    if max_new_tokens == 0:
-        return outputs
+    outputs, done = [[] for _ in prompts], [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        device = model.lm_head.weight.device
-        B, T = len(prompts), max(map(len, prompts))
-        ids = torch.zeros(B, T, dtype=torch.long, device=device)                  # [B, T] right-padded
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
-        last = torch.tensor([[len(p) - 1] for p in prompts], device=device)      # [B, 1] each row's last token
+        ids, lengths = pad_batch(prompts, 0, model.lm_head.weight.device)         # [B, T] right-padded, [B]
+        last = (lengths - 1)[:, None]                                              # [B, 1] each row's last token
         out = model(ids, snapshot_at=last)                                         # one prefill for the batch
         state = out.snapshots                                                      # row b: state after last[b]
         logits = rollout.prefix_logits(out.logits, last)                           # [B, V]
-        done = [False] * B
         for i in range(max_new_tokens):
             if temperature == 0:
                 tok = logits.argmax(-1)                                            # [B] greedy
             else:
                 tok, _ = rollout.sample_token(logits, temperature, generator=generator)
             for b, t in enumerate(tok.tolist()):
+                done[b] = done[b] or t == eos_id
                 if not done[b]:
-                    done[b] = eos_id is not None and t == eos_id
-                    if not done[b]:
-                        outputs[b].append(t)
+                    outputs[b].append(t)
             if all(done) or i == max_new_tokens - 1:
                 break
             step = model.step(tok[:, None], state)                                 # O(1) in the prompt length
@@ -81,8 +81,7 @@ def generate_all(model, prompts, max_new_tokens, eos_id=None, batch_size=8):
 
 
 def decode(tokenizer, ids):
-    """Text of generated ids; ids beyond the tokenizer's vocabulary (a model's vocab is often padded, e.g. 504
-    word tokens in a 512-row head) decode to nothing."""
+    """Text of generated ids; ids beyond the tokenizer's vocabulary (a padded head: 504 words, 512 rows) are dropped."""
     return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
 
 
@@ -101,7 +100,6 @@ def encode_prompt(tokenizer, text, max_prompt_tokens=None):
 
 # ----------------------------------------------------------------------------------------------- NIAH
 
-
 def niah_examples(tokenizer, variant, length, n_examples=100, seed=0, n_needles=4, value_tokens=1):
     """The evaluation examples of one variant@length: make_niah_example(eval_rng(seed, i)), i < n_examples."""
     return [data.make_niah_example(data.eval_rng(seed, i), variant, length, tokenizer, n_needles=n_needles,
@@ -115,8 +113,7 @@ def score_niah(predictions, examples):
 
 def eval_niah(model, tokenizer, variants=("S", "MK", "MQ", "MV"), lengths=(256, 512, 1024), n_examples=100, seed=0,
               batch_size=32, n_needles=4, value_tokens=1):
-    """Greedy NIAH accuracy per variant and length -> {"S@256": score, ...}. Each answer may use
-    len(target) + 2 new tokens."""
+    """Greedy NIAH accuracy per variant and length -> {"S@256": score, ...}; answers get len(target) + 2 tokens."""
     results = {}
     for variant in variants:
         for length in lengths:
@@ -129,9 +126,7 @@ def eval_niah(model, tokenizer, variants=("S", "MK", "MQ", "MV"), lengths=(256, 
 
 def format_table(results):
     """A markdown table variant x length (percent) from eval_niah's {"V@L": score}, with a row average."""
-    keys = [k.split("@") for k in results]
-    variants = list(dict.fromkeys(v for v, _ in keys))
-    lengths = list(dict.fromkeys(n for _, n in keys))
+    variants, lengths = (list(dict.fromkeys(key.split("@")[i] for key in results)) for i in (0, 1))   # in order
     lines = ["| variant | " + " | ".join(lengths) + " | avg |", "|---" * (len(lengths) + 2) + "|"]
     for v in variants:
         row = [results.get(f"{v}@{n}") for n in lengths]
@@ -142,7 +137,6 @@ def format_table(results):
 
 # ----------------------------------------------------------------------------------------------- RULER QA, LongBench
 
-
 def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_size=4, max_prompt_tokens=None,
                   mode="refine"):
     """RULER multi-document QA (string_match_part) on a prompt/answer file -> dict(score, n, predictions)."""
@@ -150,8 +144,7 @@ def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_s
     if not rows:
         raise ValueError(f"'{path}' holds no prompt/answer rows")
     prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
-    gen = generate_all(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size)
-    preds = [decode(tokenizer, g) for g in gen]
+    preds = [decode(tokenizer, g) for g in generate_all(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size)]
     scores = [metrics.ruler_qa_score(p, r["answers"], mode=mode) for p, r in zip(preds, rows)]
     return dict(score=sum(scores) / len(scores), n=len(scores), predictions=preds)
 
@@ -169,8 +162,7 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
         if missing:
             raise ValueError(f"'{f}' lacks the column(s) {', '.join(sorted(missing))}; LongBench files need task, "
                              f"prompt, answers")
-        table = pq.read_table(f, columns=["task", "prompt", "answers"]).to_pylist()[:limit]
-        for row in table:
+        for row in pq.read_table(f, columns=["task", "prompt", "answers"]).to_pylist()[:limit]:
             rows_by_task.setdefault(row["task"], []).append(row)
     if not rows_by_task:
         raise ValueError(f"no LongBench rows in {paths} (limit={limit})")
@@ -181,14 +173,12 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
         n_new = max_new_tokens or metrics.LONGBENCH_MAX_NEW_TOKENS[task]
         prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in rows]
         gen = generate_all(model, prompts, n_new, tokenizer.eos_id, batch_size)
-        scores = [metrics.longbench_score(task, decode(tokenizer, g), r["answers"], mode=mode)
-                  for g, r in zip(gen, rows)]
-        results[task] = sum(scores) / len(scores)
+        results[task] = sum(metrics.longbench_score(task, decode(tokenizer, g), r["answers"], mode=mode)
+                            for g, r in zip(gen, rows)) / len(rows)
     results["average"] = sum(results.values()) / len(results)
     return results
 
 # ----------------------------------------------------------------------------------------------- validation
-
 
 @torch.no_grad()
 def eval_validation(model, batches):
@@ -211,7 +201,6 @@ def eval_validation(model, batches):
     return dict(loss=loss_sum / count, acc=hits / count)
 
 # ----------------------------------------------------------------------------------------------- test-time training
-
 
 def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
     """Adapt on one prompt (list of ids) with `steps` REFINE steps (step.train_step on a batch of one: x =
@@ -258,7 +247,6 @@ def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_toke
 
 # ----------------------------------------------------------------------------------------------- command line
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse prints the usage too)
         print(f"evaluate.py: error: {message}", file=sys.stderr)
@@ -290,10 +278,9 @@ def main(argv=None):
                        "  python evaluate.py --ckpt out/ --task niah --lengths 256,512,1024 --n 100 --out r.json\n"
                        "  python evaluate.py --ckpt out/hf --task ruler --data ruler_squadqa_lact_4096.parquet\n"
                        "  python evaluate.py --ckpt out/ --task longbench --data longbench/ --limit 20\n"
-                       "  python evaluate.py --ckpt out/ --task val --data books.jsonl --seq-len 1024\n"
-                       "--ckpt: a Hugging Face style folder (config.json + model.safetensors) or a training out_dir "
-                       "holding one in hf/.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training out_dir with hf/ inside")
+                       "  python evaluate.py --ckpt out/ --task val --data books.jsonl --seq-len 1024")
+    p.add_argument("--ckpt", required=True, help="a Hugging Face style folder (config.json + model.safetensors), "
+                                                 "or a training out_dir holding one in hf/")
     p.add_argument("--task", required=True, choices=("niah", "ruler", "longbench", "val"),
                    help="niah: synthetic RULER needle-in-a-haystack (S/MK/MQ/MV); ruler: RULER QA parquet; "
                         "longbench: LongBench parquet files or folder; val: NTP loss/accuracy on a text file")

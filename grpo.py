@@ -17,8 +17,7 @@ SCALES = ("group", "batch", "none")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# advantages
+# ------------------------------------------------------------------------------------------ advantages
 
 def _constant_groups(rewards: torch.Tensor) -> torch.Tensor:
     """[G, n] -> [G, 1] True where every reward of the group is identical (no learning signal)."""
@@ -59,26 +58,19 @@ def zero_std_fraction(rewards: torch.Tensor) -> float:
     return _constant_groups(rewards).float().mean().item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loss aggregation
+# ------------------------------------------------------------------------------------------ loss aggregation
 
 def default_normaliser(mask: torch.Tensor, agg: str) -> float:
-    """The divisor `aggregate` uses for this mask when no whole-batch normaliser is passed.
-
-    mask: [N, k] (True/1 = valid token)
-      token-mean:               number of valid tokens
-      seq-mean-token-mean/-sum: number of sequences with at least one valid token
-      seq-mean-token-sum-norm:  N * k (sequences times the padded length)
-    For gradient accumulation compute it on the WHOLE batch and pass it to every micro-batch.
-    """
+    """The divisor `aggregate` uses for mask [N, k] (True/1 = valid token) when no whole-batch normaliser is passed:
+    the valid tokens, the sequences with a valid token (seq-mean-token-mean/-sum) or N * k (-sum-norm).
+    For gradient accumulation compute it on the WHOLE batch and pass it to every micro-batch."""
     if agg not in AGGS:
         raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
-    valid = mask.bool()
     if agg == "token-mean":
-        return float(valid.sum().item())
+        return float(mask.bool().sum().item())
     if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return float(valid.any(dim=-1).sum().item())
-    return float(valid.shape[0] * valid.shape[1])
+        return float(mask.bool().any(dim=-1).sum().item())
+    return float(mask.shape[0] * mask.shape[1])
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n_total=None) -> torch.Tensor:
@@ -95,17 +87,14 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n
     denom = default_normaliser(mask, agg) if n_total is None else float(n_total)   # also checks agg
     if denom == 0:
         return loss.sum() * 0.0                                       # nothing valid: a zero that keeps the graph
-    if agg == "token-mean":
-        return loss.sum() / denom                                     # sum over valid tokens / #valid tokens
     if agg == "seq-mean-token-mean":
         count = valid.sum(dim=-1).clamp(min=1)                        # [N] valid tokens per sequence
         return (loss.sum(dim=-1) / count).sum() / denom               # mean over sequences of the token mean
-    # seq-mean-token-sum: token sum per sequence / #sequences; -norm: total sum / (N * k)
+    # token-mean: sum / #valid tokens; seq-mean-token-sum: / #sequences; -norm: / (N * k)
     return loss.sum() / denom
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# policy loss
+# ------------------------------------------------------------------------------------------ policy loss
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0, agg: str = "token-mean",
@@ -122,11 +111,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     approx_kl (mean old_logp - logp, from the clamped log-ratio), ratio_mean, and ref_kl when the KL term is on.
     On-policy (logp == old_logp) r == 1, the loss value is -agg(A) and d loss / d logp = -A / divisor.
     """
-    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
-        raise ValueError(f"logp, old_logp, mask must share one [N, k] shape, got {tuple(logp.shape)}, "
-                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be [N]={logp.shape[0]}, got {tuple(advantages.shape)}")
+    if logp.dim() != 2 or not logp.shape == old_logp.shape == mask.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(f"logp, old_logp, mask must share one [N, k] shape and advantages be [N], got "
+                         f"{[tuple(t.shape) for t in (logp, old_logp, mask, advantages)]}")
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_c > 1 and kl_coef >= 0 and agg in AGGS):
         raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_c (dual clip) > 1, kl_coef >= 0 and agg one "
                          f"of {AGGS}; got {clip_low}, {clip_high}, {clip_c}, {kl_coef}, {agg!r}")
@@ -163,15 +150,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         n_valid = max(int(valid.sum().item()), 1)
 
-        def frac(cond):                                               # fraction of valid tokens where cond holds
-            return ((cond & valid).sum().item()) / n_valid
+        def mean(x):                                                  # mean over valid tokens (bool: a fraction)
+            return torch.where(valid, x.float(), zero).sum().item() / n_valid
 
-        def mean(x):                                                  # mean over valid tokens
-            return torch.where(valid, x, zero).sum().item() / n_valid
-
-        stats["clip_frac_high"] = frac((A > 0) & (ratio > 1.0 + clip_high))
-        stats["clip_frac_low"] = frac((A < 0) & (ratio < 1.0 - clip_low))
-        stats["dual_clip_frac"] = frac(dual)
+        stats["clip_frac_high"] = mean((A > 0) & (ratio > 1.0 + clip_high))
+        stats["clip_frac_low"] = mean((A < 0) & (ratio < 1.0 - clip_low))
+        stats["dual_clip_frac"] = mean(dual)
         stats["approx_kl"] = mean(-log_ratio)
         stats["ratio_mean"] = mean(ratio)
         if use_kl:

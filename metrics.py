@@ -43,32 +43,24 @@ LONGBENCH_METRIC = {
 
 # LongBench cuts the prediction at its first line for these few-shot tasks (eval.py; "lsht" is Chinese, unused).
 _FIRST_LINE_TASKS = ("trec", "triviaqa", "samsum")
-_RULER_MODES = ("refine", "ruler")
-_LONGBENCH_MODES = ("longbench", "refine")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _MISSING = "pip install rouge rapidfuzz: needed for LongBench's ROUGE/code metrics"
 
 
-def _answer_list(answers) -> list:
-    """Reference answers as a non-empty list of str (accepts lists, tuples, numpy arrays from pandas)."""
+def _checked(prediction, answers):
+    """(prediction, answers as a non-empty list of str: lists, tuples, numpy arrays from pandas are accepted)."""
+    if not isinstance(prediction, str):
+        raise ValueError(f"prediction must be a str (the decoded generation), got {type(prediction).__name__}")
     if isinstance(answers, str):
         raise ValueError("answers must be a list of reference strings, got a single str; wrap it in a list")
     answers = list(answers)
     if not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"answers must be a non-empty list of str, got {answers!r}")
-    return answers
-
-
-def _check_str(prediction) -> str:
-    if not isinstance(prediction, str):
-        raise ValueError(f"prediction must be a str (the decoded generation), got {type(prediction).__name__}")
-    return prediction
-
+    return prediction, answers
 
 # ----------------------------------------------------------------------------------------------- RULER QA
-
 
 def ruler_qa_score(prediction: str, answers: list, *, mode: str = "refine") -> float:
     """RULER string_match_part for one example: 1.0 if any reference answer is a case-insensitive substring of the
@@ -78,18 +70,15 @@ def ruler_qa_score(prediction: str, answers: list, *, mode: str = "refine") -> f
     mode="refine" (the paper's numbers): first cut the raw prediction at its first "\\n" -- NOT stripped before, so
     a generation that opens with a newline scores 0. mode="ruler": NVIDIA RULER as released, no first-line cut.
     """
-    prediction, answers = _check_str(prediction), _answer_list(answers)
-    if mode not in _RULER_MODES:
-        raise ValueError(f"mode must be one of {_RULER_MODES}, got {mode!r}")
+    prediction, answers = _checked(prediction, answers)
+    if mode not in ("refine", "ruler"):
+        raise ValueError(f"mode must be one of ('refine', 'ruler'), got {mode!r}")
     if mode == "refine":
         prediction = prediction.split("\n")[0]
-    prediction = _CONTROL_CHARS.sub("\n", prediction.strip()).strip()
-    pred = prediction.lower()
-    return max(1.0 if a.lower() in pred else 0.0 for a in answers)
-
+    prediction = _CONTROL_CHARS.sub("\n", prediction.strip()).strip().lower()
+    return float(any(a.lower() in prediction for a in answers))
 
 # ----------------------------------------------------------------------------------------------- LongBench helpers
-
 
 def normalize_answer(s: str) -> str:
     """SQuAD-style normalisation: lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace."""
@@ -146,12 +135,10 @@ def classification_score(prediction: str, ground_truth: str, all_classes=TREC_CL
     return 1.0 / len(kept) if ground_truth in kept else 0.0
 
 
-def _first_code_line(prediction: str):
-    """First line (after leading newlines) containing none of '`', '#', '//'; None if there is none."""
-    for line in prediction.lstrip("\n").split("\n"):
-        if "`" not in line and "#" not in line and "//" not in line:
-            return line
-    return None
+def _first_code_line(prediction: str, default: str) -> str:
+    """First line (after leading newlines) containing none of '`', '#', '//'; `default` if there is none."""
+    lines = prediction.lstrip("\n").split("\n")
+    return next((line for line in lines if "`" not in line and "#" not in line and "//" not in line), default)
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
@@ -161,10 +148,8 @@ def _fuzz_ratio(a: str, b: str) -> int:
         from rapidfuzz.distance import Indel
     except ImportError as err:
         raise ImportError(_MISSING) from err
-    if a == b:
-        return 100
     if not a or not b:
-        return 0
+        return 100 if a == b else 0
     total = len(a) + len(b)
     return int(round(100 * (total - Indel.distance(a, b)) / total))
 
@@ -172,12 +157,10 @@ def _fuzz_ratio(a: str, b: str) -> int:
 def code_sim_score(prediction: str, ground_truth: str) -> float:
     """LongBench code edit similarity: fuzz ratio / 100 between the first code line of the prediction (first line
     without '`', '#' or '//', leading newlines skipped; "" if none) and the reference line."""
-    line = _first_code_line(prediction)
-    return _fuzz_ratio("" if line is None else line, ground_truth) / 100
+    return _fuzz_ratio(_first_code_line(prediction, ""), ground_truth) / 100
 
 
 # ----------------------------------------------------------------------------------------------- LongBench task score
-
 
 def longbench_score(task: str, prediction: str, answers: list, all_classes=None, *, mode: str = "longbench") -> float:
     """Score one LongBench prediction: the task's metric, max over the reference answers (LongBench eval.py).
@@ -190,9 +173,9 @@ def longbench_score(task: str, prediction: str, answers: list, all_classes=None,
     """
     if task not in LONGBENCH_METRIC:
         raise ValueError(f"unknown LongBench task {task!r}; valid tasks: {sorted(LONGBENCH_METRIC)}")
-    if mode not in _LONGBENCH_MODES:
-        raise ValueError(f"mode must be one of {_LONGBENCH_MODES}, got {mode!r}")
-    prediction, answers = _check_str(prediction), _answer_list(answers)
+    if mode not in ("longbench", "refine"):
+        raise ValueError(f"mode must be one of ('longbench', 'refine'), got {mode!r}")
+    prediction, answers = _checked(prediction, answers)
     metric = LONGBENCH_METRIC[task]
     if task in _FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
@@ -202,16 +185,9 @@ def longbench_score(task: str, prediction: str, answers: list, all_classes=None,
         # REFINE strips. This can move ROUGE: whitespace after the last full stop is one more (empty) word.
         prediction = prediction.strip()
 
-    if metric == "qa_f1":
-        scores = [qa_f1_score(prediction, gt) for gt in answers]
-    elif metric == "rouge_l":
-        scores = [rouge_l_score(prediction, gt) for gt in answers]
-    elif metric == "classification":
-        classes = TREC_CLASSES if all_classes is None else all_classes
-        scores = [classification_score(prediction, gt, classes) for gt in answers]
-    else:  # code_sim
-        line = _first_code_line(prediction)
-        if line is None:
-            line = prediction if mode == "refine" else ""
-        scores = [_fuzz_ratio(line, gt) / 100 for gt in answers]
-    return max(0.0, *scores)
+    if metric == "code_sim":
+        prediction = _first_code_line(prediction, prediction if mode == "refine" else "")
+    classes = TREC_CLASSES if all_classes is None else all_classes
+    score = {"qa_f1": qa_f1_score, "rouge_l": rouge_l_score, "code_sim": lambda p, gt: _fuzz_ratio(p, gt) / 100,
+             "classification": lambda p, gt: classification_score(p, gt, classes)}[metric]
+    return max(0.0, *(score(prediction, gt) for gt in answers))

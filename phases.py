@@ -17,7 +17,7 @@ import torch
 
 import data as datalib
 from checkpoint import save_pretrained
-from evaluate import decode, encode_prompt, generate_all, ttt_evaluate
+from evaluate import decode, encode_prompt, generate_all, pad_batch, ttt_evaluate
 from metrics import ruler_qa_score
 from step import lr_at, train_step
 
@@ -26,24 +26,13 @@ def load_pairs(cfg, tok, path, split, n):
     """-> list of dict(prompt_ids, answer_ids, answers) and the score function for them."""
     if path == "synthetic":
         rng = datalib.train_rng if split == "train" else datalib.eval_rng
-        pairs = []
-        for i in range(n):
-            ex = datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
-            pairs.append(dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"]))
-        return pairs, datalib.niah_score
-    rows = datalib.load_prompt_answer(path)
-    pairs = [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
-                  answer_ids=tok.encode(" " + r["answers"][0])) for r in rows[:n] if r["answers"]]
-    return pairs, ruler_qa_score
-
-
-def pad_batch(rows, pad_id, device):
-    """Right-pad token lists -> (ids [B, L], lengths [B])."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+        examples = [datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
+                    for i in range(n)]
+        return [dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"])
+                for ex in examples], datalib.niah_score
+    rows = [r for r in datalib.load_prompt_answer(path)[:n] if r["answers"]]
+    return [dict(prompt_ids=encode_prompt(tok, r["prompt"], cfg.seq_len), answers=r["answers"],
+                 answer_ids=tok.encode(" " + r["answers"][0])) for r in rows], ruler_qa_score
 
 
 def score(model, tok, pairs, score_fn, max_new_tokens=32):
@@ -84,9 +73,8 @@ def post_train(cfg, model, opt, tok, device):
 
 def test_time_train(cfg, model, opt, tok, device):
     examples, score_fn = load_pairs(cfg, tok, cfg.data, "test", cfg.eval_examples)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     res = ttt_evaluate(model, opt, examples, cfg, cfg.ttt_steps, tok, 32, score_fn, reset=cfg.ttt_reset,
-                       generator=gen)
+                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     print(f"test-time training ({res['n']} examples, {cfg.ttt_steps} steps each, reset={cfg.ttt_reset}): "
           f"score without adaptation {res['base']:.4f}, with REFINE adaptation {res['adapted']:.4f}")
     return {k: res[k] for k in ("base", "adapted", "n")}

@@ -2,6 +2,7 @@
 learning rate over the steps, with the warm-up and objective phases shaded. train.py draws it at the end of every
 run; `python plot.py OUT_DIR` redraws it. Headless: matplotlib's Agg backend, imported only when drawing.
 """
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -10,36 +11,22 @@ PANELS = (("ntp_loss", "NTP loss"), ("reward_mean", "mean reward"), ("lr", "lear
 SHADES = {"warmup": "tab:gray", "refine": "tab:orange", "sft": "tab:blue"}
 
 
-def phase_spans(rows):
-    """[(phase, first step, last step)] of the runs of consecutive rows with the same phase."""
-    spans = []
-    for r in rows:
-        if spans and spans[-1][0] == r["phase"]:
-            spans[-1][2] = r["step"]
-        else:
-            spans.append([r["phase"], r["step"], r["step"]])
-    return [tuple(s) for s in spans]
-
-
 def plot_run(out_dir):
-    """Draw out_dir/curves.png -> dict(path, steps, phases: phase_spans). A resumed run logs some steps twice:
-    the last row of each step counts."""
+    """Draw out_dir/curves.png -> dict(path, steps, phases: [(phase, first step, last step)]). A resumed run logs
+    some steps twice: the last row of each step counts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     log = Path(out_dir) / "metrics.jsonl"
     if not log.is_file():
         raise ValueError(f"no metrics.jsonl in '{out_dir}'; pass the --out_dir of a training run")
-    rows = {}
-    for line in log.read_text().splitlines():
-        row = json.loads(line)
-        if "step" in row:
-            rows[row["step"]] = row
+    rows = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if "step" in r}
     rows = [rows[s] for s in sorted(rows)]
     if not rows:
         raise ValueError(f"{log} holds no step rows yet")
     fig, axes = plt.subplots(len(PANELS), 1, sharex=True, figsize=(8, 6.5))
-    spans = phase_spans(rows)
+    runs = [list(run) for _, run in itertools.groupby(rows, key=lambda r: r["phase"])]   # consecutive rows, one phase
+    spans = [(run[0]["phase"], run[0]["step"], run[-1]["step"]) for run in runs]         # (phase, first, last step)
     for ax, (key, label) in zip(axes, PANELS):
         steps = [r["step"] for r in rows if r.get(key) is not None]
         ax.plot(steps, [r[key] for r in rows if r.get(key) is not None], lw=0.8, color="black")

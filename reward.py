@@ -15,11 +15,9 @@ REWARDS = ("cosine", "binary", "hybrid")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, ndim: int, what: str) -> None:
-    if a is None or b is None:
-        raise ValueError(f"{what}: both tensors are required, got None")
-    if a.dim() != ndim or a.shape != b.shape:
-        raise ValueError(f"{what}: expected two tensors of the same {ndim}-D shape, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    shapes = [None if t is None else tuple(t.shape) for t in (a, b)]   # None: a missing tensor
+    if None in shapes or len(shapes[0]) != ndim or shapes[0] != shapes[1]:
+        raise ValueError(f"{what}: expected two tensors of the same {ndim}-D shape, got {shapes[0]} and {shapes[1]}")
 
 
 @torch.no_grad()

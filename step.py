@@ -19,9 +19,8 @@ from rollout import collect_rollouts
 
 def make_optimizer(model, cfg):
     """AdamW; no weight decay on norms, biases and other 1-D parameters."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -54,16 +53,15 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     epoch. model: the FastWeightLM, or with several processes its DistributedDataParallel / FSDP2 wrapper, which
     reduces the gradients during the backward (every call, decoding included, goes through it). Losses are
     normalised by whole-batch counts, so the update does not depend on how the batch is split into processes or
-    micro-batches. lengths [B]: real tokens of right-padded rows;
-    target_mask [B, T]: which next-token targets count (default: those of real tokens); answers [B, T]: the targets
-    the data source marks as answers (synthetic data), weighted answer_weight in the NTP loss and the positions
-    before which select_mode "answer" may start a rollout. generator: the selection and sampling randomness (default:
-    seeded by seed, step and global micro-batch, so the same whatever the number of processes, and on resume).
-    With one mini-batch and one epoch (the toy presets) the rollout forward IS the training forward: one pass gives
-    the NTP loss, the entropies, h_gt and the differentiable snapshots. Otherwise (the paper's presets: batch 128,
-    mini-batches of 32) the whole batch is sampled first without grad, as in PPO, and each mini-batch update
-    re-forwards its sequences once, taking the snapshots at the already chosen positions.
-    -> stats dict, or None if a loss was not finite."""
+    micro-batches. lengths [B]: real tokens of right-padded rows; target_mask [B, T]: which next-token targets count
+    (default: those of real tokens); answers [B, T]: the targets the data source marks as answers (synthetic data),
+    weighted answer_weight in the NTP loss and the positions before which select_mode "answer" may start a rollout.
+    generator: selection and sampling randomness (default: seeded by seed, step and global micro-batch: the same
+    for any number of processes and on resume). With one mini-batch and one epoch (the toy presets) the rollout
+    forward IS the training forward: one pass gives the NTP loss, the entropies, h_gt and the differentiable
+    snapshots. Otherwise (the paper's presets: batch 128, mini-batches of 32) the whole batch is sampled first
+    without grad, as in PPO, and each mini-batch update re-forwards its sequences once, taking the snapshots at the
+    already chosen positions. -> stats dict, or None if a loss was not finite."""
     device, B = batch.device, batch.shape[0]
     micro = min(cfg.micro_batch_size or B * world, B)
     mini = min(cfg.ppo_mini_batch or B * world, B * world) // world

@@ -47,11 +47,10 @@ def setup_distributed(cfg):
     if world == 1:
         return 0, 1, torch.device(device)
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world, torch.device("cuda", torch.cuda.current_device())
-    return rank, world, torch.device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dist.get_rank(), world, torch.device(device)
 
 
 def load_model(cfg, device):
@@ -60,8 +59,7 @@ def load_model(cfg, device):
         model, tok, _ = load_checkpoint(cfg.init_from, cfg.tokenizer, device=device)
     else:
         tok = datalib.get_tokenizer(cfg.tokenizer)
-        preset = MODEL_PRESETS[cfg.model]
-        vocab = max(preset.vocab_size, tok.vocab_size)
+        vocab = max(MODEL_PRESETS[cfg.model].vocab_size, tok.vocab_size)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                             pad_token_id=tok.pad_id).to(device)
@@ -120,8 +118,7 @@ def main(argv=None):
         print(__doc__.strip() + "\n\n" + usage())
         return 0
     if "--list_presets" in argv:
-        for name, (about, _) in PRESETS.items():
-            print(f"{name:22s} {about}")
+        print("\n".join(f"{name:22s} {about}" for name, (about, _) in PRESETS.items()))
         return 0
     try:  # everything that can be wrong with the input is found here, before anything is written
         cfg = parse_args(argv)
@@ -259,9 +256,8 @@ def final_evaluation(model, tok, val, cfg, log):
     rank 0 prints and writes eval.json."""
     results = {f"val_{k}": v for k, v in validation(model, val, cfg).items()}
     if cfg.data == "synthetic" and cfg.eval_examples > 0:
-        lengths = tuple(int(n) for n in cfg.eval_lengths.split(","))
-        niah = eval_niah(model, tok, lengths=lengths, n_examples=cfg.eval_examples, seed=cfg.seed,
-                         value_tokens=cfg.value_tokens)   # the value length the model was trained on
+        niah = eval_niah(model, tok, lengths=tuple(int(n) for n in cfg.eval_lengths.split(",")),
+                         n_examples=cfg.eval_examples, seed=cfg.seed, value_tokens=cfg.value_tokens)   # trained length
         results.update({f"niah_{k}": v for k, v in niah.items()})
     if log is None:
         return
