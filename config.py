@@ -30,7 +30,7 @@ class TrainConfig:
     batch_size: int = 16               # sequences per batch, all processes together
     micro_batch_size: int = 0          # sequences per forward/backward (0: the whole batch)
     n_needles: int = 4                 # synthetic data: at most this many key-value facts per document
-    min_needles: int = 1               # synthetic data: at least this many (both capped to what fits in seq_len)
+    min_needles: int = 1               # synthetic data: at least this many (capped at n_needles; both at what fits)
     value_tokens: int = 1              # synthetic data: words per needle value
     value_tokens_max: int = 0          # synthetic data: > value_tokens: each value has value_tokens..this many words
     doc_styles: str = "S"              # synthetic data: query styles of training documents, comma-separated S,MK,MQ,MV

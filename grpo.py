@@ -158,6 +158,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         stats["dual_clip_frac"] = mean(dual)
         stats["approx_kl"] = mean(-log_ratio)
         stats["ratio_mean"] = mean(ratio)
+        # A . log pi: what the surrogate's gradient raises (on-policy its VALUE, -agg(A), is 0 by construction)
+        stats["adv_logp"] = mean(A * lp)
         if use_kl:
             stats["ref_kl"] = mean(kl_tok)
     return loss, stats
@@ -199,7 +201,7 @@ def refine_loss(model, x, y, out, rollouts, advantages, cfg, ntp_mask=None, ntp_
                                      cfg.sample_temperature)
     mask = torch.ones_like(logp, dtype=torch.bool)  # EOS is suppressed: every rollout has exactly k tokens
     nsp, stats = policy_loss(logp, rollouts.logp, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.clip_c,
-                             cfg.loss_agg, n_total=nsp_total)
+                             cfg.loss_agg, rollouts.logp, cfg.kl_coef, nsp_total)   # KL to the sampling policy
     ntp = ntp_loss(out.logits, y, ntp_mask, ntp_total)
     loss = cfg.lambda_rl * nsp + cfg.lambda_sft * ntp                  # eq. 8: the NSP and NTP objectives summed
     return loss, dict(stats, ntp_loss=ntp.item(), nsp_loss=nsp.item())

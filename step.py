@@ -69,7 +69,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     mask_all = target_mask
     if mask_all is None and lengths is not None:
         mask_all = torch.arange(x_all.shape[1], device=device) < (lengths[:, None] - 1)
-    stats = {"ntp_loss": 0.0, "nsp_loss": 0.0, "rewards": [], "zero_std": [], "clip_frac": 0.0, "grad_norm": 0.0}
+    stats = {"ntp_loss": 0.0, "nsp_loss": 0.0, "rewards": [], "zero_std": [], "clip_frac": 0.0, "adv_logp": 0.0,
+             "grad_norm": 0.0}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     epochs = cfg.ppo_epochs if use_refine else 1
     fused = mini == B and epochs == 1
@@ -102,6 +103,7 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
                 out = model(x, snapshot_at=ro.positions if cfg.rollout_mode == "snapshot" else None)
             loss, part = refine_loss(model, x, y, out, ro, adv, cfg, msk, n_tok, n_nsp, cfg.rollout_mode)
             stats["clip_frac"] += (part["clip_frac_high"] + part["clip_frac_low"]) * micro / B / epochs
+            stats["adv_logp"] += part["adv_logp"] * micro / B / epochs
         if cfg.answer_weight != 1.0 and answers is not None:  # answers weigh answer_weight: + (w - 1) x their NTP
             ans = answers[j:j + micro] & (True if msk is None else msk)
             loss = loss + (cfg.lambda_sft if use_refine else 1.0) * (cfg.answer_weight - 1.0) * \

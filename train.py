@@ -73,12 +73,13 @@ def load_model(cfg, device):
 def load_data(cfg, tok, seq_len):
     if cfg.data == "synthetic":
         styles = tuple(cfg.doc_styles.split(","))
-        if not set(styles) <= {"S", "MK", "MQ", "MV"} or cfg.value_tokens < 1 or not 1 <= cfg.min_needles <= cfg.n_needles:
+        if not set(styles) <= {"S", "MK", "MQ", "MV"} or min(cfg.value_tokens, cfg.min_needles, cfg.n_needles) < 1:
             raise ValueError(f"--doc_styles={cfg.doc_styles!r}, --value_tokens={cfg.value_tokens}, --min_needles="
-                             f"{cfg.min_needles}: need styles from S,MK,MQ,MV, value_tokens >= 1, 1 <= min <= n_needles")
+                             f"{cfg.min_needles}, --n_needles={cfg.n_needles}: need styles from S,MK,MQ,MV, "
+                             f"value_tokens >= 1, min_needles and n_needles >= 1")
         values = (cfg.value_tokens, max(cfg.value_tokens, cfg.value_tokens_max))   # words per value: a range
         fit = max(1, seq_len // (14 + 2 * values[1]))   # a needle + its query take 14 + 2 * value_tokens
-        needles = (min(cfg.min_needles, fit), min(cfg.n_needles, fit))
+        needles = (min(cfg.min_needles, cfg.n_needles, fit), min(cfg.n_needles, fit))
         return datalib.SyntheticData(tok, seq_len, cfg.seed, needles, values[0] if values[0] == values[1] else values,
                                      styles)
     if cfg.answer_weight != 1.0 or cfg.select_mode == "answer":
@@ -209,17 +210,19 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
                "reward_mean": rewards.mean().item() if len(rewards) else None,
                "reward_std": rewards.std().item() if len(rewards) > 1 else None,
                "zero_std_frac": sum(stats["zero_std"]) / len(stats["zero_std"]) if stats["zero_std"] else None,
-               "clip_frac": stats["clip_frac"], "grad_norm": stats["grad_norm"], "lr": lr_at(step, cfg),
+               "clip_frac": stats["clip_frac"], "adv_logp": stats["adv_logp"] if phase == "refine" else None,
+               "grad_norm": stats["grad_norm"], "lr": lr_at(step, cfg),
                "tokens_per_s": batch.numel() * world / dt}
         if master:
             log.write(json.dumps(row) + "\n")
             log.flush()
             if (step + 1) % cfg.log_interval == 0 or step + 1 == total:
                 eta = (time.time() - t0) / (step + 1 - start) * (total - step - 1)
+                # NSP's signal: the rewards and A.logp (the surrogate's value is 0 on-policy: README, "The log")
                 rw = "" if row["reward_mean"] is None else \
-                    f" | reward {row['reward_mean']:.3f}±{row['reward_std'] or 0:.3f} zero-std " \
-                    f"{row['zero_std_frac']:.2f} clip {row['clip_frac']:.3f}"
-                print(f"step {step + 1:5d}/{total} {phase:6s} | ntp {row['ntp_loss']:.4f} nsp {row['nsp_loss']:+.4f}"
+                    f" | reward {row['reward_mean']:.3f}±{row['reward_std'] or 0:.3f} " \
+                    f"A·logp {row['adv_logp']:+.4f} zero-std {row['zero_std_frac']:.2f} clip {row['clip_frac']:.3f}"
+                print(f"step {step + 1:5d}/{total} {phase:6s} | ntp {row['ntp_loss']:.4f}"
                       f"{rw} | grad {row['grad_norm']:.2f} lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s "
                       f"| eta {eta:.0f}s")
         done = step + 1 == total

@@ -101,3 +101,26 @@ def test_sample_token_knobs():
     assert set(tok.tolist()) == {3}
     tok, _ = sample_token(logits, temperature=1e-3, generator=gen)          # ~greedy
     assert set(tok.tolist()) == {3}
+
+
+def test_kl_coef_reaches_the_refine_loss():
+    """--kl_coef adds kl_coef x the k3 KL to the sampling policy: nothing on-policy (the KL and its gradient are 0
+    at ratio 1), the token-mean of exp(x) - x - 1 (x = old - new log-prob) once the policy has moved."""
+    import dataclasses
+    model = tiny("deltanet")
+    cfg = SimpleNamespace(**CFG)
+    x = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
+    out, ro = collect_rollouts(model, x, cfg, torch.Generator().manual_seed(5), mode="snapshot")
+    _, adv = rewards_and_advantages(ro, cfg)
+    moved = dataclasses.replace(ro, logp=ro.logp - 0.3)   # as if the policy raised every log-prob by 0.3
+    with_kl = SimpleNamespace(**dict(CFG, kl_coef=0.5))
+    on, _ = refine_loss(model, x, x, out, ro, adv, cfg)
+    on_kl, _ = refine_loss(model, x, x, out, ro, adv, with_kl)
+    off, _ = refine_loss(model, x, x, out, moved, adv, cfg)
+    off_kl, stats = refine_loss(model, x, x, out, moved, adv, with_kl)
+    # the same computation twice up to the k3 term, which is exactly 0 on-policy
+    torch.testing.assert_close(on_kl, on, atol=0, rtol=0)
+    # policy_loss works in fp32: a few roundings of O(1) values, ~1e-7 each
+    expected = cfg.lambda_rl * 0.5 * (torch.exp(torch.tensor(-0.3)) + 0.3 - 1)
+    torch.testing.assert_close(off_kl - off, expected, atol=1e-6, rtol=0)
+    assert stats["ref_kl"] > 0
