@@ -1,33 +1,25 @@
 """Speed checks, measured side by side in one run. Prints `name: value` lines (times in ms, ratios unitless).
 
-    python bench.py kernel    # delta rule: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
+    python bench.py kernel    # delta rule fwd+bwd: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
     python bench.py decode    # per-token decoding cost vs context length; LaCT recompute vs incremental
-    python bench.py refine    # one NTP step vs one REFINE step (snapshot rollouts) vs REFINE (reforward rollouts),
-                              #   each step broken down into its pieces (forward, entropy + selection, snapshot
-                              #   gather, sampling, teacher-forced log-probs, rewards and losses, backward, optimiser)
+    python bench.py refine    # NTP step vs REFINE step (snapshot rollouts) vs REFINE (reforward), piece by piece
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
-    python bench.py gpu       # one CUDA GPU, under 8 minutes on an H100-class card:
-                              #   1. the CUDA bf16 kernel tests (pytest tests/test_triton_kernel.py)
-                              #   2. kernel timings, B=4 T=8192 H=16 K=V=128 bf16: forward and forward+backward,
-                              #      torch vs Triton (vs fla's chunk_delta_rule when importable), with snapshots
-                              #   3. a DeltaNet-1.3B-shaped NTP step and REFINE step (c=8, k=5, n=1) at 16K tokens,
-                              #      gradient checkpointing, bf16 autocast: tokens/s, peak GPU memory and the
-                              #      breakdown of each step as for `refine`
-                              #   exits 2 with a one-line message where no CUDA device is present
-    python bench.py compile   # no GPU needed: every Triton kernel compiled as its launcher would launch it (K = V =
-                              #   128, chunk 64; plain and with snapshots) for sm_80 (A100), sm_89 (L40, RTX 4090) and
-                              #   sm_90 (H100/H200) in bf16, fp16 and fp32: shared memory against the card's per-block
-                              #   limit, registers and local-memory spills per thread; exits 1 if a kernel does not fit
+    python bench.py gpu       # one CUDA GPU, < 8 min on an H100: CUDA kernel tests, kernel and 1.3B-step timings
+    python bench.py compile   # no GPU: every Triton kernel compiled for sm_80/89/90 in bf16/fp16/fp32, fits or exit 1
     python bench.py kernel refine   # several at once; -h / --help prints this text
 """
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,46 +27,50 @@ import torch.nn.functional as F
 from kernels import delta_rule, resolve_backend
 
 
+def clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() * 1e3
+
+
 def timeit(fn, repeat=5, warmup=1):
-    """Median wall time of fn() in ms (CUDA synchronised)."""
-    for _ in range(warmup):
-        fn()
+    """Median wall time of fn() in ms over `repeat` calls, after `warmup` untimed ones (CUDA synchronised)."""
     times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    for _ in range(warmup + repeat):
+        start = clock()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        times.append(clock() - start)
+    return statistics.median(times[warmup:])
 
 
 def report(name, value):
     print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
+def fail(message, code):  # code 2: cannot run here or bad input; 1: a check failed
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def delta_inputs(B, T, H, K, V, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    q, k = (F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1) for _ in range(2))  # [B, T, H, K] unit rows
     v, beta = torch.randn(B, T, H, V, generator=g), torch.rand(B, T, H, generator=g)
     return [t.to(device, dtype).requires_grad_() for t in (q, k, v, beta)]
 
 
-def fwd_bwd(backend, inputs):
-    def run():
-        o, _ = backend(*inputs)
-        o.sum().backward()
+def fwd_bwd(fn, inputs, **kwargs):
+    def run():  # loss = sum(o), plus the sum of the states after the positions when snapshot_at= is given
+        o, _, *snaps = fn(*inputs, **kwargs)
+        (o.sum() + sum(s.sum() for s in snaps)).backward()
     return run
 
 
 def bench_kernel():
     torch.manual_seed(0)
     inputs = delta_inputs(1, 4096, 4, 64, 64, torch.float32, "cpu")
-    rec = timeit(fwd_bwd(lambda *a: delta_rule(*a, backend="recurrent"), inputs), repeat=3)
-    chk = timeit(fwd_bwd(lambda *a: delta_rule(*a, backend="torch"), inputs), repeat=5)
+    rec = timeit(fwd_bwd(partial(delta_rule, backend="recurrent"), inputs), repeat=3)
+    chk = timeit(fwd_bwd(partial(delta_rule, backend="torch"), inputs), repeat=5)
     report("cpu_recurrent_fwd_bwd_ms (B=1 T=4096 H=4 K=V=64 fp32)", rec)
     report("cpu_chunked_fwd_bwd_ms", chk)
     report("recurrent_over_chunked", rec / chk)
@@ -86,31 +82,23 @@ def bench_kernel():
 
 
 def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), repeat=5, n_snapshots=8):
-    """Median forward and forward+backward times (ms) of the delta rule per backend, fla's chunk_delta_rule beside
-    them when it imports, and forward+backward with n_snapshots snapshots per sequence (the REFINE case: the loss
-    reaches the states after chosen positions as well as the output)."""
+    """Median forward and forward+backward ms of the delta rule per backend (and of fla's chunk_delta_rule when it
+    imports), and forward+backward with n_snapshots snapshots per sequence (REFINE's case). -> {(name, kind): ms}"""
     inputs = delta_inputs(B, T, H, K, V, dtype, device)
     shape = f"B={B} T={T} H={H} K={K} V={V} {str(dtype).removeprefix('torch.')}"
     paths = {}
     for name in backends:
         try:
             resolve_backend(name, inputs[0])
-            paths[name] = (lambda name: lambda *a: delta_rule(*a, backend=name))(name)
+            paths[name] = partial(delta_rule, backend=name)
         except ValueError as err:
             report(name, f"cannot run here, skipped: {err}")
     try:
         from fla.ops.delta_rule import chunk_delta_rule  # optional, never a dependency
-        paths["fla"] = lambda q, k, v, b: chunk_delta_rule(q, k, v, b)
+        paths["fla"] = chunk_delta_rule
     except ImportError:
         report("fla", "not installed: fla comparison skipped")
     positions = torch.linspace(0, T - 1, n_snapshots, device=device).long().expand(B, -1)  # [B, P]
-
-    def with_snapshots(name):  # loss = sum(o) + sum(states after the positions)
-        def run():
-            o, _, snaps = delta_rule(*inputs, backend=name, snapshot_at=positions)
-            (o.float().sum() + snaps.sum()).backward()
-        return run
-
     times = {}
     for name, fn in paths.items():
         with torch.no_grad():
@@ -119,7 +107,7 @@ def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), r
         report(f"{device}_{name}_fwd_ms ({shape})", times[name, "fwd"])
         report(f"{device}_{name}_fwd_bwd_ms", times[name, "fwd_bwd"])
         if name != "fla":
-            times[name, "snap"] = timeit(with_snapshots(name), repeat=repeat)
+            times[name, "snap"] = timeit(fwd_bwd(fn, inputs, snapshot_at=positions), repeat=repeat)
             report(f"{device}_{name}_fwd_bwd_with_{n_snapshots}_snapshots_ms", times[name, "snap"])
     if "torch" in paths and "triton" in paths:
         report("torch_over_triton_fwd_bwd", times["torch", "fwd_bwd"] / times["triton", "fwd_bwd"])
@@ -153,56 +141,41 @@ def bench_decode():
         report(f"decode_ms_per_token_{arch}_4096", short)
         report(f"decode_ms_per_token_{arch}_16384", long)
         report(f"decode_growth_{arch}", long / short)
-    model = build_model("toy-lact").eval()
-    ids = torch.randint(0, 256, (1, 4096))
-    with torch.no_grad():
-        recompute = timeit(lambda: model(ids), repeat=3)  # the reference's way: the whole sequence per new token
-    incremental = decode_ms_per_token(model, 4096)
+    ids = torch.randint(0, 256, (1, 4096))  # the toy LaCT, the reference's way: the whole sequence per new token
+    recompute = timeit(torch.no_grad()(lambda: model(ids)), repeat=3)
     report("lact_recompute_ms_per_token_4096", recompute)
-    report("lact_incremental_ms_per_token_4096", incremental)
-    report("lact_recompute_over_incremental", recompute / incremental)
+    report("lact_incremental_ms_per_token_4096", short)
+    report("lact_recompute_over_incremental", recompute / short)
 
 
 class StepPieces:
-    """Where the time of real step.train_step calls goes. While `active`, the functions train_step runs are wrapped
-    (the very objects: module attributes that step.py, rollout.py and grpo.py look up at call time, the model's
-    forward, Tensor.backward, the optimiser) and each piece's wall time is added to `ms`, exclusive of the pieces
-    nested in it (CUDA synchronised at every boundary). Decoding calls of the model count in their caller
-    (sampling or the teacher-forced log-probs); what runs in the full forward after the selection is the snapshot
-    gather."""
+    """Where the time of real step.train_step calls goes. While `active`, the functions train_step looks up at call
+    time are wrapped (step/rollout/grpo attributes, the model's forward, Tensor.backward, the optimiser) and each
+    piece's wall time, exclusive of the pieces nested in it, is added to `ms`. Decoding calls of the model count in
+    their caller (sampling or teacher-forced log-probs); the full forward after the selection is the snapshot gather."""
 
     def __init__(self):
-        self.ms, self.stack = {}, []
+        self.ms, self.stack = {}, []  # stack: [piece, ms it last (re)started at] of the running ones, innermost last
 
-    def _clock(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() * 1e3
-
-    def _add(self, name, since, now):
-        self.ms[name] = self.ms.get(name, 0.0) + now - since
-
-    def _enter(self, name):
-        now = self._clock()
-        if self.stack:  # pause the enclosing piece
-            self._add(*self.stack[-1], now)
-        self.stack.append([name, now])
-
-    def _leave(self, then=None):
-        now = self._clock()
-        self._add(*self.stack.pop(), now)
-        if self.stack:  # resume the enclosing piece, under a new name if `then` says so
-            self.stack[-1] = [then or self.stack[-1][0], now]
+    def _charge(self):  # adds the time since the innermost running piece (re)started to it; -> now (ms)
+        now = clock()
+        if self.stack:
+            name, since = self.stack[-1]
+            self.ms[name] = self.ms.get(name, 0.0) + now - since
+        return now
 
     def _wrap(self, name, fn, then=None):
         def run(*args, **kwargs):
             if name == "forward" and kwargs.get("state") is not None:
                 return fn(*args, **kwargs)  # a decoding step: part of its caller
-            self._enter(name)
+            self.stack.append([name, self._charge()])  # the enclosing piece pauses
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._leave(then if self.stack[:-1] and self.stack[-2][0] == "forward" else None)
+                now = self._charge()
+                self.stack.pop()
+                if self.stack:  # the enclosing piece resumes (a forward goes on as `then` if given)
+                    self.stack[-1] = [then if then and self.stack[-1][0] == "forward" else self.stack[-1][0], now]
         return run
 
     @contextmanager
@@ -219,46 +192,37 @@ class StepPieces:
                       (step, "ntp_loss"), (grpo, "policy_loss"), (grpo, "ntp_loss"))],
                    (torch.Tensor, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "optimiser"),
                    (opt, "step", "optimiser"), (opt, "zero_grad", "optimiser")]
-        saved = [(obj, attr, obj.__dict__.get(attr, _MISSING)) for obj, attr, *_ in targets]
-        try:
+        with ExitStack() as patches:  # each attribute restored on exit (an instance's own one deleted)
             for obj, attr, name, *then in targets:
-                setattr(obj, attr, self._wrap(name, getattr(obj, attr), *then))
+                patches.enter_context(mock.patch.object(obj, attr, self._wrap(name, getattr(obj, attr), *then)))
             yield self
-        finally:
-            for obj, attr, old in saved:
-                delattr(obj, attr) if old is _MISSING else setattr(obj, attr, old)
 
 
-_MISSING = object()
 PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "teacher_forced_logprobs",
           "rewards_and_losses", "backward", "optimiser")
 
 
-def interleaved_steps(model, batch, kinds, repeat=7, warmup=2):
+def interleaved_steps(model, batch, kinds, repeat, warmup, tag):
     """Time train_step for each kind {name: (cfg, use_refine)} on batch [B, T+1], each with its own AdamW, the kinds
-    interleaved (round r runs them in turn, the order reversed every other round) after `warmup` untimed rounds, so
-    that warm-up and slow drifts of a shared machine hit all kinds alike.
-    -> {name: dict(step_ms, tokens_per_s, peak_mem_gib, and the median ms of every piece of PIECES plus `other`,
-    the step minus its pieces)}: medians over the timed rounds. A kind that runs out of GPU memory is reported,
-    not raised, and left out."""
+    interleaved (the order reversed every other round, after `warmup` untimed rounds) so that drifts of a shared
+    machine hit all alike; reports `<kind>_step_ms (tag)` and `<kind>_<piece>_ms` lines. A kind out of GPU memory is
+    reported and left out. -> {name: medians of step_ms, each of PIECES and `other` (the step minus its pieces), with
+    tokens_per_s and peak_mem_gib}"""
     from step import make_optimizer, train_step
     model.train()
     opts = {name: make_optimizer(model, cfg) for name, (cfg, _) in kinds.items()}
-    samples = {name: [] for name in kinds}
-    peak = {name: 0.0 for name in kinds}
+    samples, peak = {name: [] for name in kinds}, dict.fromkeys(kinds, 0.0 if batch.is_cuda else None)
     for r in range(warmup + repeat):
-        for name in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):
-            if name not in opts:
-                continue
+        for name in (list(opts) if r % 2 == 0 else list(opts)[::-1]):  # a kind out of memory is gone from opts
             cfg, refine = kinds[name]
             pieces = StepPieces()
             if batch.is_cuda:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 with pieces.active(model, opts[name]):
-                    start = pieces._clock()
+                    start = clock()
                     train_step(model, opts[name], batch, cfg, 0, 0, 1, refine)
-                    total = pieces._clock() - start
+                    total = clock() - start
             except torch.cuda.OutOfMemoryError:
                 report(f"{name}_step", "out of memory")
                 del opts[name]
@@ -268,23 +232,15 @@ def interleaved_steps(model, batch, kinds, repeat=7, warmup=2):
                 samples[name].append(dict(pieces.ms, step_ms=total, other=total - sum(pieces.ms.values())))
                 if batch.is_cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2 ** 30)
-    results = {}
+    tokens, results = batch.shape[0] * (batch.shape[1] - 1), {}
     for name in opts:
-        med = {key: statistics.median(s.get(key, 0.0) for s in samples[name])
-               for key in ("step_ms", *PIECES, "other")}
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        results[name] = dict(med, tokens_per_s=tokens / (med["step_ms"] / 1e3),
-                             peak_mem_gib=peak[name] if batch.is_cuda else None)
-    return results
-
-
-def report_steps(results, tag):
-    """The step time and its breakdown for each kind: `<kind>_step_ms`, then `<kind>_<piece>_ms` lines."""
-    for name, r in results.items():
+        r = {key: statistics.median(s.get(key, 0.0) for s in samples[name]) for key in ("step_ms", *PIECES, "other")}
+        results[name] = dict(r, tokens_per_s=tokens / (r["step_ms"] / 1e3), peak_mem_gib=peak[name])
         report(f"{name}_step_ms ({tag})", r["step_ms"])
         for piece in (*PIECES, "other"):
             if r[piece] or piece == "other":
                 report(f"{name}_{piece}_ms", r[piece])
+    return results
 
 
 def bench_refine():
@@ -295,11 +251,14 @@ def bench_refine():
     cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
     model = build_model("toy-deltanet")
     batch = torch.randint(0, 256, (2, 2049))
-    report("machine", machine())
-    repeat, warmup = 9, 2
-    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine_snapshot": (cfg, True)}, repeat, warmup)
-    report_steps(results, f"toy DeltaNet, B=2, T=2048, c=8, k=5, n=1; medians of {repeat} interleaved steps "
-                          f"after {warmup} warm-up steps each")
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
+    report("machine", f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU capability "  # timings hang on it
+                      f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+                      + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine_snapshot": (cfg, True)}, 9, 2,
+                                "toy DeltaNet, B=2, T=2048, c=8, k=5, n=1; medians of 9 interleaved steps after 2 "
+                                "warm-up steps each")
     opt = make_optimizer(model, cfg)
     refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
                   repeat=2)
@@ -309,22 +268,9 @@ def bench_refine():
     report("reforward_over_snapshot", refw / snap)
 
 
-def machine():
-    """CPU model, torch's CPU capability and threads (and the GPU, if any): what a timing depends on."""
-    cpu = "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads{gpu}")
-
-
 def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, **overrides):
-    """One sequence of seq_len tokens through an NTP step and a REFINE step (snapshot rollouts) of the model preset,
-    with gradient checkpointing and (by default) bf16 autocast, as the paper's mid-training runs it per GPU.
-    Reports step time with its breakdown, tokens/s and peak memory of each; an out-of-memory step is reported, not
-    raised."""
+    """NTP and REFINE (snapshot rollouts) steps of the model preset on one sequence, with gradient checkpointing and
+    bf16 autocast by default, as the paper's mid-training runs per GPU: breakdown, tokens/s and peak memory."""
     from config import TrainConfig
     from model import build_model
     torch.manual_seed(0)
@@ -335,8 +281,8 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
     batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
     report(f"{model_name}_parameters", model.num_parameters())
     report("snapshot_delta_backend", resolve_backend(model.config.delta_backend, batch.float()))
-    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine": (cfg, True)}, repeat, warmup=1)
-    report_steps(results, f"{model_name} T={seq_len} {cfg.dtype} checkpointing, medians of {repeat}")
+    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine": (cfg, True)}, repeat, 1,
+                                f"{model_name} T={seq_len} {cfg.dtype} checkpointing, medians of {repeat}")
     for name, r in results.items():
         report(f"{name}_tokens_per_s", r["tokens_per_s"])
         if r["peak_mem_gib"] is not None:
@@ -347,25 +293,21 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
 
 
 def run_kernel_tests(pytest_args=()):
-    """pytest tests/test_triton_kernel.py in a fresh process (compiled bf16 cases on CUDA, the interpreter without
-    it). Reports the summary line; returns True if it passed."""
-    root = Path(__file__).resolve().parent
+    """pytest tests/test_triton_kernel.py in a fresh process (compiled on CUDA); reports its summary. -> passed"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels where CUDA is
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernel.py",
-           *pytest_args]
-    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    lines = run.stdout.strip().splitlines() or ["no output"]
-    report("kernel_tests", lines[-1].strip("= "))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernel.py", *pytest_args]
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parent, env=env, capture_output=True, text=True)
+    report("kernel_tests", (run.stdout.strip().splitlines() or ["no output"])[-1].strip("= "))
     if run.returncode != 0:
         print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
     return run.returncode == 0
 
 
 def bench_gpu():
-    """Everything that needs a GPU, in one run (see the module docstring); under 8 minutes on an H100-class card."""
+    """Everything that needs a GPU, in one run; under 8 minutes on an H100-class card: the CUDA bf16 kernel tests,
+    kernel_timings at B=4 T=8192 H=16 K=V=128 bf16 and a DeltaNet-1.3B NTP and REFINE step at 16K tokens."""
     try:
-        import triton
-        triton_version = triton.__version__
+        from triton import __version__ as triton_version
     except ImportError:
         triton_version = "not installed (the kernel tests and Triton timings are skipped)"
     start = time.perf_counter()
@@ -376,8 +318,7 @@ def bench_gpu():
     bench_train_steps("deltanet-1.3b", 16384, "cuda", repeat=2)
     report("gpu_bench_total_s", time.perf_counter() - start)
     if not tests_ok:
-        print("bench.py gpu: error: the CUDA kernel tests failed (see above)", file=sys.stderr)
-        sys.exit(1)
+        fail("bench.py gpu: error: the CUDA kernel tests failed (see above)", 1)
 
 
 # ------------------------------------------------------------------------------------------ compile check (no GPU)
@@ -386,10 +327,9 @@ GPU_TARGETS = {80: ("A100", 163), 89: ("L40/RTX4090", 99), 90: ("H100/H200", 227
 
 
 def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
-    """Every Triton launch of one forward and one backward at the 1.3B model's head size (K = V = 128, H = 16), as
-    the launchers of kernels/ issue them, recorded instead of run: {(name, variant): (kernel, args, kwargs)}.
-    Variants: "plain" (NTP: no initial state, no snapshots) and "snapshots" (REFINE: fp32 chunk states, an initial
-    state, gradients into the final state, the chunk states and the rows of V'). The tensors stay on the CPU."""
+    """Every Triton launch of one forward and backward at the 1.3B model's head size, as kernels/ issues them, recorded
+    on the CPU instead of run: {(name, variant): (kernel, args, kwargs)}. "plain": NTP; "snapshots": REFINE (fp32
+    chunk states, an initial state, gradients into the final state, the chunk states and the rows of V')."""
     import triton
     from kernels import triton_delta as td, triton_delta_bwd as tdb
     kernels = {n: f for m in (td, tdb) for n, f in vars(m).items() if n.endswith("_kernel")}
@@ -401,9 +341,9 @@ def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
             launches[name, variant] = (kernel, args, kwargs)
         return run
 
-    for name, kernel in kernels.items():
-        kernel.run = recorder(name, kernel)  # an instance attribute, hiding JITFunction.run
-    try:
+    with ExitStack() as patches:  # an instance attribute hiding JITFunction.run, deleted on exit
+        for name, kernel in kernels.items():
+            patches.enter_context(mock.patch.object(kernel, "run", recorder(name, kernel)))
         for variant in ("plain", "snapshots"):
             snap = variant == "snapshots"
             q, k = (torch.empty(1, T, H, K, dtype=dtype) for _ in range(2))  # [B, T, H, K]
@@ -413,35 +353,12 @@ def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
                                                                   torch.float32 if snap else None)
             tdb.chunk_delta_rule_bwd(q, k, v, beta, K ** -0.5, torch.empty_like(o), ht, T_mat, w, h, v_new, chunk,
                                      snap, torch.empty_like(h) if snap else None, v_new if snap else None)
-    finally:
-        for kernel in kernels.values():
-            del kernel.run
     return launches
 
 
-def compile_launch(kernel, args, kwargs, capability):
-    """Compile one recorded launch for sm_<capability> the way JITFunction.run does (its argument binder: dtypes,
-    16-byte alignment and divisibility of the integers; then triton.compile), with no GPU and no driver."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
-        *args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-
-
 def resource_usage(compiled):
-    """(registers per thread, local memory bytes per thread) of a compiled kernel, read from its cubin with the
-    cuobjdump that ships with triton (n_regs / n_spills are only filled in when a GPU loads the kernel). Local
-    memory is the stack frame (where ptxas puts spilled registers; these kernels have no local arrays) plus any
-    other local data: 0 means no spills."""
-    import re
-    import tempfile
-
+    """(registers, local memory bytes) per thread of a compiled kernel, from its cubin by triton's cuobjdump (n_regs
+    and n_spills need a GPU). Local memory: the stack frame (spills; no local arrays here) plus other local data."""
     import triton.backends.nvidia
     tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -453,33 +370,38 @@ def resource_usage(compiled):
 
 
 def compile_check(capabilities=tuple(GPU_TARGETS), dtypes=(torch.bfloat16, torch.float16, torch.float32)):
-    """Compile every Triton kernel of kernels/ as its launcher would launch it, for each CUDA target and dtype.
-    -> rows (sm, dtype, kernel, variant, shared bytes, shared limit bytes, registers, local bytes, fits)."""
+    """Compile every Triton kernel as its launcher would launch it, per CUDA target and dtype, as JITFunction.run does
+    (its binder: dtypes, 16-byte alignment and divisibility of the integers; then triton.compile), with no GPU.
+    -> rows (sm, dtype, kernel, variant, shared bytes, shared limit bytes, registers, local bytes, fits)"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
     rows = []
     for dtype in dtypes:
-        launches = recorded_launches(dtype)
-        seen = {}
+        launches, seen = recorded_launches(dtype), {}
         for sm in capabilities:
+            target = GPUTarget("cuda", sm, 32)
+            backend = make_backend(target)
             for (name, variant), (kernel, args, kwargs) in launches.items():
-                c = compile_launch(kernel, args, kwargs, sm)
+                bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+                options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, *bind(*args, **kwargs))
+                c = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target, options=options.__dict__)
                 if variant == "snapshots" and seen.get((sm, name)) == c.hash:
                     continue  # the same binary as the plain launch (no flag or dtype of this kernel differs)
                 seen[sm, name] = c.hash
                 limit = GPU_TARGETS[sm][1] * 1024
-                regs, local = resource_usage(c)
-                rows.append((sm, str(dtype).removeprefix("torch."), name, variant, c.metadata.shared, limit, regs,
-                             local, c.metadata.shared <= limit))
+                rows.append((sm, str(dtype).removeprefix("torch."), name, variant, c.metadata.shared, limit,
+                             *resource_usage(c), c.metadata.shared <= limit))  # ..., registers, local bytes, fits
     return rows
 
 
 def bench_compile():
-    """The compile check's table (python bench.py compile); exits 1 if a kernel does not fit a card."""
+    """The compile check's table; exits 1 if a kernel does not fit a card."""
     try:
         import triton.backends.nvidia.compiler  # noqa: F401
     except ImportError as err:
-        print(f"bench.py compile: error: triton's NVIDIA backend does not import ({err}); pip install triton",
-              file=sys.stderr)
-        sys.exit(2)
+        fail(f"bench.py compile: error: triton's NVIDIA backend does not import ({err}); pip install triton", 2)
     start = time.perf_counter()
     rows = compile_check()
     print(f"{'target':<22} {'dtype':<9} {'kernel':<30} {'variant':<10} {'smem KB':>8} {'limit':>6} {'regs':>5} "
@@ -493,9 +415,7 @@ def bench_compile():
     report("compile_kernels_with_local_memory (spills)", sum(r[7] > 0 for r in rows))
     report("compile_s", time.perf_counter() - start)
     if not all(r[8] for r in rows):
-        print("bench.py compile: error: a kernel needs more shared memory than its card has (see above)",
-              file=sys.stderr)
-        sys.exit(1)
+        fail("bench.py compile: error: a kernel needs more shared memory than its card has (see above)", 1)
 
 
 def main(argv):
@@ -507,13 +427,10 @@ def main(argv):
         return
     for name in which:
         if name not in (*jobs, "all"):
-            print(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu or compile "
-                  f"(--help lists them)", file=sys.stderr)
-            sys.exit(2)
+            fail(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu or compile "
+                 f"(--help lists them)", 2)
     if "gpu" in which and not torch.cuda.is_available():
-        print("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU",
-              file=sys.stderr)
-        sys.exit(2)
+        fail("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU", 2)
     for name, job in jobs.items():
         if name in which or ("all" in which and name not in ("gpu", "compile")):
             job()
