@@ -177,7 +177,7 @@ def validate(cfg):
     if cfg.batch_size % mini or mini % micro:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of ppo_mini_batch {mini}, itself a "
                          f"multiple of micro_batch_size {micro}")
-    if cfg.phase in ("post", "ttt") and cfg.data == "synthetic" and cfg.model not in ("toy-deltanet", "toy-lact"):
+    if cfg.phase in ("post", "ttt") and cfg.data == "synthetic" and not cfg.model.startswith("toy-"):
         raise ValueError(f"--phase={cfg.phase} needs --data=a prompt/answer parquet")
     if cfg.phase == "pretrain" and cfg.objective == "refine":
         raise ValueError("--phase=pretrain trains with next-token prediction only; add --objective=sft, or use "

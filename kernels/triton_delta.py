@@ -204,7 +204,8 @@ def triton_can_run(tensor):
     int() of a 1-element array for the state pass's run-time loop bound range(NT), which numpy 2.4 rejects)."""
     if not TRITON_AVAILABLE:
         return False
-    interpreted = type(chunk_output_kernel).__name__ == "InterpretedFunction"
+    # every jit object (kernels and the tile helpers, which another import may have built first) for the interpreter
+    interpreted = all(type(f).__name__ == "InterpretedFunction" for f in (chunk_output_kernel, load_tile))
     new_enough = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 9)
     return tensor.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and interpreted and new_enough)
 
