@@ -39,14 +39,14 @@ def test_gpu_benchmark_without_cuda_exits_2_with_one_line():
 
 
 def test_kernel_timings_on_toy_sizes(capsys):
-    times = bench.kernel_timings(1, 40, 2, 16, 16, torch.float32, "cpu", backends=("torch", "recurrent", "triton"),
+    times = bench.kernel_timings(1, 40, 2, 16, 16, torch.float32, "cpu", backends=("torch", "recurrent"),
                                  repeat=1, n_snapshots=3)
     out = capsys.readouterr().out
     for name in ("torch", "recurrent"):
         assert times[name, "fwd"] > 0 and times[name, "fwd_bwd"] > 0 and times[name, "snap"] > 0
         assert f"cpu_{name}_fwd_bwd_with_3_snapshots_ms:" in out
-    if ("triton", "fwd") not in times:  # without the interpreter flag Triton cannot run on CPU: reported, skipped
-        assert "triton: cannot run here, skipped" in out
+    # Triton is left out here: in the full suite the interpreter flag comes after triton's first import (the
+    # kernels' interpreter runs are tested in tests/test_triton_kernel.py)
 
 
 def test_train_step_timing_on_a_toy_model(capsys):
