@@ -55,6 +55,7 @@ class TrainConfig:
     rollout_len: int = 5               # k: tokens per rollout
     n_rollouts: int = 1                # n: rollouts per position
     reward: str = "cosine"             # cosine | binary | hybrid
+    reward_encoder: str = "policy"     # hidden states of cosine rewards: policy | frozen (the run's first weights)
     lambda_rl: float = 0.2             # weight of the NSP (GRPO) loss
     lambda_sft: float = 1.0            # weight of the NTP loss (0: REFINE only)
     select_mode: str = "entropy"       # entropy | uniform | argmax | argmin | answer (before query answers)
@@ -118,7 +119,8 @@ for _arch, _name in (("deltanet-1.3b", "DeltaNet-1.3B"), ("lact-760m", "LaCT-760
                                         dict(PAPER, model=_arch, out_dir=f"out/{_arch}-{_phase}", **_over))
 CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), dtype=("float32", "bfloat16"),
                phase=("pretrain", "mid", "post", "ttt"), objective=("refine", "sft"),
-               reward=("cosine", "binary", "hybrid"), select_mode=("entropy", "uniform", "argmax", "argmin", "answer"),
+               reward=("cosine", "binary", "hybrid"), reward_encoder=("policy", "frozen"),
+               select_mode=("entropy", "uniform", "argmax", "argmin", "answer"),
                group_by=("sequence", "position"), adv_scale=("group", "batch", "none"),
                loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
                rollout_mode=("snapshot", "reforward"), lr_schedule=("constant", "cosine"), parallel=("ddp", "fsdp"))
@@ -179,6 +181,8 @@ def validate(cfg):
                          f"multiple of micro_batch_size {micro}")
     if cfg.phase in ("post", "ttt") and cfg.data == "synthetic" and not cfg.model.startswith("toy-"):
         raise ValueError(f"--phase={cfg.phase} needs --data=a prompt/answer parquet")
+    if cfg.reward_encoder == "frozen" and cfg.phase != "mid":
+        raise ValueError(f"--reward_encoder=frozen works in --phase=mid; got --phase={cfg.phase}")
     if cfg.phase == "pretrain" and cfg.objective == "refine":
         raise ValueError("--phase=pretrain trains with next-token prediction only; add --objective=sft, or use "
                          "--phase=mid for REFINE")

@@ -76,16 +76,14 @@ class ModelConfig:
         return 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
 
 
+TOY_VOCAB = dict(vocab_size=512, bos_token_id=256, eos_token_id=257, pad_token_id=258)   # the word tokenizer's ids
 MODEL_PRESETS = {
     # tiny models that learn associative recall on a laptop CPU in minutes
-    "toy-deltanet": ModelConfig(arch="deltanet", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                bos_token_id=256, eos_token_id=257, pad_token_id=258),
+    "toy-deltanet": ModelConfig(arch="deltanet", hidden_size=64, num_hidden_layers=2, num_heads=2, **TOY_VOCAB),
     # the toy preset's model: one head with 64-dim keys (2 x 32 learns key-value binding late and seed-dependently)
-    "toy-deltanet-1head": ModelConfig(arch="deltanet", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                                      num_heads=1, bos_token_id=256, eos_token_id=257, pad_token_id=258),
-    "toy-lact": ModelConfig(arch="lact", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attn_heads=2,
-                            num_lact_heads=1, window_size=16, lact_chunk_size=16, w0_w2_low_rank=8,
-                            rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258),
+    "toy-deltanet-1head": ModelConfig(arch="deltanet", hidden_size=64, num_hidden_layers=2, num_heads=1, **TOY_VOCAB),
+    "toy-lact": ModelConfig(arch="lact", hidden_size=64, num_hidden_layers=2, num_attn_heads=2, num_lact_heads=1,
+                            window_size=16, lact_chunk_size=16, w0_w2_low_rank=8, rope_theta=10000.0, **TOY_VOCAB),
     # the reference architectures (fla-hub/delta_net-1.3B-100B and YunjinZhang/lact_llm 760M)
     "deltanet-1.3b": ModelConfig(arch="deltanet", max_position_embeddings=2048),
     "lact-760m": ModelConfig(arch="lact", hidden_size=1536, num_hidden_layers=24, num_attn_heads=24,

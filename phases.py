@@ -1,13 +1,14 @@
 """The two phases that work on prompt/answer pairs: the paper's post-training and test-time training.
 
 post: the nested loop. For each batch of pairs: one REFINE step on the PROMPTS (NTP + NSP), then one SFT step on
-      the reference answer given the prompt (cross-entropy on the answer tokens + EOS), same AdamW state. The score
-      on the paired test split (--eval_data, or synthetic held-out NIAH) is printed before and after.
+      the reference answer given the prompt (cross-entropy on the answer tokens + EOS), same AdamW state. With
+      --objective=sft only the answer step runs (the SFT-only baseline). The score on the paired test split
+      (--eval_data, or synthetic held-out NIAH) is printed before and after.
 ttt:  for each test example: adapt on its prompt with REFINE, answer greedily, score, then restore the weights and
       the optimiser (ttt_reset=True; False keeps the official cumulative behaviour). Scores with and without
       adaptation are reported on the same examples.
 Pairs come from a RULER-QA style parquet (columns prompt, answer) or, with --data=synthetic, from the built-in NIAH
-generator (training pairs and test pairs drawn from disjoint seed streams).
+generator (variants S, MK, MQ, MV in turn; training pairs and test pairs drawn from disjoint seed streams).
 """
 import json
 import os
@@ -26,7 +27,8 @@ def load_pairs(cfg, tok, path, split, n):
     """-> list of dict(prompt_ids, answer_ids, answers) and the score function for them."""
     if path == "synthetic":
         rng = datalib.train_rng if split == "train" else datalib.eval_rng
-        examples = [datalib.make_niah_example(rng(cfg.seed, i), "MK", cfg.seq_len, tok, n_needles=cfg.n_needles)
+        examples = [datalib.make_niah_example(rng(cfg.seed, i), datalib.VARIANTS[i % 4], cfg.seq_len, tok,
+                                              n_needles=cfg.n_needles, value_tokens=cfg.value_tokens)
                     for i in range(n)]
         return [dict(prompt_ids=ex["prompt_ids"], answer_ids=ex["target_ids"], answers=ex["answers"])
                 for ex in examples], datalib.niah_score
@@ -52,20 +54,22 @@ def post_train(cfg, model, opt, tok, device):
         batch = [train_pairs[order[(step * cfg.batch_size + i) % len(order)]] for i in range(cfg.batch_size)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids, lengths = pad_batch([p["prompt_ids"] for p in batch], tok.pad_id, device)    # 1. REFINE on the prompt
-        refine = train_step(model, opt, ids, cfg, step, 0, 1, cfg.objective == "refine", lengths=lengths)
+        refine = None
+        if cfg.objective == "refine":                                                   # 1. REFINE on the prompt
+            ids, lengths = pad_batch([p["prompt_ids"] for p in batch], tok.pad_id, device)
+            refine = train_step(model, opt, ids, cfg, step, 0, 1, True, lengths=lengths)
         full = [p["prompt_ids"] + p["answer_ids"] + [tok.eos_id] for p in batch]          # 2. SFT on the answer
         ids, lengths = pad_batch(full, tok.pad_id, device)
         answer = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
         for i, p in enumerate(batch):  # targets y[t] = ids[t + 1]: the answer and EOS follow the prompt
             answer[i, len(p["prompt_ids"]) - 1:len(full[i]) - 1] = True
         sft = train_step(model, opt, ids, cfg, step, 0, 1, False, target_mask=answer)
-        if refine is None or sft is None:
+        if sft is None or (refine is None and cfg.objective == "refine"):
             print(f"warning: step {step + 1}: non-finite loss; step skipped")
             continue
-        rewards = torch.cat(refine["rewards"]) if refine["rewards"] else torch.zeros(1)
-        print(f"step {step + 1:5d} | prompt ntp {refine['ntp_loss']:.4f} nsp {refine['nsp_loss']:+.4f} "
-              f"reward {rewards.mean().item():.3f} | answer sft {sft['ntp_loss']:.4f}")
+        prompt = "" if refine is None else f"prompt ntp {refine['ntp_loss']:.4f} reward " \
+            f"{torch.cat(refine['rewards']).mean().item():.3f} A·logp {refine['adv_logp']:+.4f} | "
+        print(f"step {step + 1:5d} | {prompt}answer sft {sft['ntp_loss']:.4f}")
     results["after"] = score(model, tok, test_pairs, score_fn)
     print(f"post-training: test score after {results['after']:.4f}")
     return results

@@ -93,6 +93,17 @@ def logprobs_from_snapshots(model, out, tokens, n=1, temperature=1.0):
     return F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, :, None])[..., 0]
 
 
+@torch.no_grad()
+def encode_rollouts(model, input_ids, ro):
+    """The hidden states another model (a frozen reward encoder) gives the same tokens -> (h_pred [N, k, D], h_gt
+    [G, k, D]) fp32: the true continuations from one pass over input_ids [B, T] with snapshots at ro.positions, the
+    rollout tokens teacher-forced from those snapshots."""
+    out = model(input_ids, snapshot_at=ro.positions)
+    state = map_model_state(lambda s: s.repeat_interleave(ro.n, 0), out.snapshots)
+    h_gt = ground_truth(input_ids, out.hidden, ro.positions, ro.tokens.shape[1])[1]
+    return model(ro.tokens, state=state).hidden.float(), h_gt.float()
+
+
 # ---- reforward mode: the official algorithm, every truncated prefix runs from scratch ----
 
 def reforward_rows(input_ids, positions, tokens, n):

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from grpo import default_normaliser, ntp_loss, refine_loss, rollout_advantages, zero_std_fraction
 from reward import compute_reward
-from rollout import collect_rollouts
+from rollout import collect_rollouts, encode_rollouts
 
 
 def make_optimizer(model, cfg):
@@ -48,7 +48,7 @@ def gradient_sync(model, sync):
 
 
 def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None, answers=None,
-               generator=None):
+               generator=None, encoder=None):
     """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, one AdamW step per PPO mini-batch and
     epoch. model: the FastWeightLM, or with several processes its DistributedDataParallel / FSDP2 wrapper, which
     reduces the gradients during the backward (every call, decoding included, goes through it). Losses are
@@ -57,11 +57,12 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
     (default: those of real tokens); answers [B, T]: the targets the data source marks as answers (synthetic data),
     weighted answer_weight in the NTP loss and the positions before which select_mode "answer" may start a rollout.
     generator: selection and sampling randomness (default: seeded by seed, step and global micro-batch: the same
-    for any number of processes and on resume). With one mini-batch and one epoch (the toy presets) the rollout
-    forward IS the training forward: one pass gives the NTP loss, the entropies, h_gt and the differentiable
-    snapshots. Otherwise (the paper's presets: batch 128, mini-batches of 32) the whole batch is sampled first
-    without grad, as in PPO, and each mini-batch update re-forwards its sequences once, taking the snapshots at the
-    already chosen positions. -> stats dict, or None if a loss was not finite."""
+    for any number of processes and on resume). encoder: a frozen model whose hidden states the reward compares
+    (--reward_encoder=frozen; default: the policy's own, from the rollouts). With one mini-batch and one epoch (the
+    toy presets) the rollout forward IS the training forward: one pass gives the NTP loss, the entropies, h_gt and
+    the differentiable snapshots. Otherwise (the paper's presets: batch 128, mini-batches of 32) the whole batch is
+    sampled first without grad, as in PPO, and each mini-batch update re-forwards its sequences once, taking the
+    snapshots at the already chosen positions. -> stats dict, or None if a loss was not finite."""
     device, B = batch.device, batch.shape[0]
     micro = min(cfg.micro_batch_size or B * world, B)
     mini = min(cfg.ppo_mini_batch or B * world, B * world) // world
@@ -82,7 +83,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
         allowed = None if answers is None else answers[j:j + micro]   # [micro, T] for select_mode "answer"
         out, ro = collect_rollouts(model, x_all[j:j + micro], cfg, gen, lens, cfg.rollout_mode, allowed)
         n = ro.n
-        rewards = compute_reward(cfg.reward, ro.h_pred, ro.h_gt.repeat_interleave(n, 0), ro.tokens,
+        h_pred, h_gt = (ro.h_pred, ro.h_gt) if encoder is None else encode_rollouts(encoder, x_all[j:j + micro], ro)
+        rewards = compute_reward(cfg.reward, h_pred, h_gt.repeat_interleave(n, 0), ro.tokens,
                                  ro.gt_tokens.repeat_interleave(n, 0))
         stats["rewards"].append(rewards)
         stats["zero_std"].append(zero_std_fraction(rewards.view(-1, cfg.n_chunks * n if cfg.group_by == "sequence"

@@ -13,6 +13,7 @@ A run has warmup_steps NTP steps (the "warmup" phase) followed by max_steps step
 Reads top to bottom: setup -> the loop -> evaluation. One optimisation step is in step.py, the config, presets and
 command line in config.py, checkpoint files in checkpoint.py.
 """
+import copy
 import dataclasses
 import json
 import os
@@ -128,6 +129,7 @@ def main(argv=None):
         rank, world, device = setup_distributed(cfg)
         model, tok = load_model(cfg, device)
         cfg = dataclasses.replace(cfg, eos_id=tok.eos_id)
+        encoder = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reward_encoder == "frozen" else None
         model = parallelize(model, cfg, world, device)
         opt = make_optimizer(model, cfg)  # after fully_shard: AdamW holds the shards
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -153,7 +155,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    return train(cfg, model, opt, tok, data, warm, val, start, rank, world, device)
+    return train(cfg, model, opt, tok, data, warm, val, start, rank, world, device, encoder)
 
 
 def phase_of(step, cfg):
@@ -163,7 +165,7 @@ def phase_of(step, cfg):
     return "refine" if cfg.objective == "refine" and cfg.phase != "pretrain" else "sft"
 
 
-def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
+def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device, encoder=None):
     master = rank == 0
     core = model.module if isinstance(model, DistributedDataParallel) else model   # the FastWeightLM
     if master:
@@ -172,13 +174,12 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
         print(f"versions: {versions()}  device: {device}  processes: {world} ({cfg.parallel if world > 1 else '-'})"
               f"  parameters: {core.num_parameters():,}"
               f"  steps: {cfg.warmup_steps} warm-up + {cfg.max_steps} {phase_of(cfg.warmup_steps, cfg)}")
+        run = {"versions": versions(), "device": str(device)}
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(core.config),
-                       "versions": versions(), "device": str(device)}, f, indent=1)
+            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(core.config), **run}, f, indent=1)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
     if master:  # every run (and every resume) starts its log with the exact config, versions and device
-        log.write(json.dumps({"config": dataclasses.asdict(cfg), "versions": versions(), "device": str(device),
-                              "start_step": start}) + "\n")
+        log.write(json.dumps({"config": dataclasses.asdict(cfg), **run, "start_step": start}) + "\n")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     bad, t0, total, weights = 0, time.time(), cfg.total_steps, None
     model.train()
@@ -192,7 +193,8 @@ def train(cfg, model, opt, tok, data, warm, val, start, rank, world, device):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         t = time.time()
-        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine", answers=answers)
+        stats = train_step(model, opt, batch, cfg, step, rank, world, phase == "refine", answers=answers,
+                           encoder=encoder)
         if stats is None:
             bad += 1
             if master:

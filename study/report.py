@@ -238,6 +238,11 @@ def readme_summary(res):
              for s in seeds]
         sentence.append("{:+.1f} (standard error {:.1f}) on a second toy with 3-6-word answers".format(
             *experiments.mean_se(d)))
+    if f"post-sft-s{seeds[0]}" in runs:
+        for a, b, what in (("post-refine", "post-sft", "in post-training (nested REFINE vs SFT on the answers alone)"),
+                           ("refine-mb4", "sft-mb4", "when both take 4 AdamW steps per batch (PPO mini-batches)")):
+            _, m, se, _ = experiments.paired(runs, seeds, a, b)
+            sentence.append(f"{m:+.1f} (standard error {se:.1f}) {what}")
     second = "Every other number (the base, validation, test-time training, ablations, diagnostics) is in " \
              "[results/results.md](results/results.md)."
     curve = res.get("reward_curves", {}).get(f"refine-only-s{seeds[0]}")

@@ -60,7 +60,7 @@ REFINE = ["--n_chunks=8", "--rollout_len=5", "--n_rollouts=1", "--reward=cosine"
 ABLATIONS = {"refine-binary": ["--reward=binary"], "refine-k3": ["--rollout_len=3"], "refine-c4": ["--n_chunks=4"]}
 QUICK = dict(seeds="0", mid_steps=3, mid_seq_len=64, mid_batch=4, n_eval=3, lengths="64,128", base_check=4,
              base_max=4, base_eval=2, n_ttt=1, ttt_steps=1, val_batches=1, long_steps=3, long_lengths="128",
-             refine_only_steps=3, diag_batches=1, long_base_max=4)
+             refine_only_steps=3, diag_batches=1, long_base_max=4, post_steps=2)
 
 
 def parse(argv):
@@ -94,7 +94,8 @@ def parse(argv):
                    "made even NTP-only adaptation lose recall in a probe)")
     p.add_argument("--ablations", action="store_true", help="also REFINE variants: selection uniform and answer "
                    "(every seed), and on the first seed " + ", ".join(ABLATIONS))
-    p.add_argument("--refine_only_steps", type=int, default=200, help="the REFINE-only run (no NTP term)")
+    p.add_argument("--refine_only_steps", type=int, default=200, help="the REFINE-only runs (no NTP term)")
+    p.add_argument("--post_steps", type=int, default=100, help="post-training steps (--ablations)")
     p.add_argument("--diag_batches", type=int, default=4, help="held-out batches of 16 for the REFINE diagnostics")
     p.add_argument("--long_threshold", type=float, default=0.2, help="the second toy's base: continue the base on "
                    "3-6-word values until --base_metric reaches this")
@@ -340,8 +341,7 @@ def run_all(args):
                 wall_s=dict(base=base["wall_s"] + long_base["wall_s"], runs_and_evals=t_runs,
                             diagnostics=time.time() - t_pool - t_runs, total=time.time() - t_start),
                 versions=train.versions(), cpus=os.cpu_count(), reused=reused,
-                ablations={name: list(extra) for name, (_, seed, extra, toy) in runs.items()
-                           if extra and toy == "main" and seed == s0 and not name.startswith("refine-only")})
+                ablations={f"{name}-s{s0}": extra for name, extra in ABLATIONS.items()} if args.ablations else {})
 
 
 def read_curve(path):

@@ -8,7 +8,7 @@ import torch
 from grpo import refine_loss, rollout_advantages
 from model import FastWeightLM, ModelConfig
 from reward import compute_reward
-from rollout import collect_rollouts, reforward_logprobs, sample_token
+from rollout import collect_rollouts, encode_rollouts, reforward_logprobs, sample_token
 from test_model import TINY
 
 CFG = dict(n_chunks=2, rollout_len=3, n_rollouts=2, select_mode="entropy", select_temperature=1.0, margin=2,
@@ -126,3 +126,34 @@ def test_kl_coef_reaches_the_refine_loss():
     expected = cfg.lambda_rl * 0.5 * (torch.exp(torch.tensor(-0.3)) + 0.3 - 1)
     torch.testing.assert_close(off_kl - off, expected, atol=1e-6, rtol=0)
     assert stats["ref_kl"] > 0
+
+
+@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+def test_frozen_reward_encoder(arch):
+    """--reward_encoder=frozen: an encoder with the policy's weights sees exactly the policy's hidden states (fp64,
+    1e-9: decoding token by token vs teacher-forcing the k tokens at once, summation order only); once the policy
+    moves, train_step's rewards are the frozen copy's, which no update touches."""
+    import copy
+    import config
+    from step import make_optimizer, train_step
+    model, cfg = tiny(arch), SimpleNamespace(**CFG)
+    x = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
+    _, ro = collect_rollouts(model, x, cfg, torch.Generator().manual_seed(5))
+    h_pred, h_gt = encode_rollouts(copy.deepcopy(model), x, ro)
+    torch.testing.assert_close(h_pred, ro.h_pred, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(h_gt, ro.h_gt, atol=1e-9, rtol=1e-9)
+
+    tcfg = config.TrainConfig(**{**CFG, "eos_id": -1, "reward": "cosine", "lr": 1e-2, "seq_len": 24})
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    weights = copy.deepcopy(frozen.state_dict())
+    opt, batch = make_optimizer(model, tcfg), torch.cat([x, x[:, :1]], 1)      # [2, 25]: inputs and targets
+    for step in range(3):
+        _, ro = collect_rollouts(model, x, tcfg, torch.Generator().manual_seed(step))   # what this step samples
+        stats = train_step(model, opt, batch, tcfg, step, 0, 1, True, generator=torch.Generator().manual_seed(step),
+                           encoder=frozen)
+    h_pred, h_gt = encode_rollouts(frozen, x, ro)
+    own = compute_reward("cosine", ro.h_pred, ro.h_gt.repeat_interleave(ro.n, 0))
+    expected = compute_reward("cosine", h_pred, h_gt.repeat_interleave(ro.n, 0))
+    torch.testing.assert_close(stats["rewards"][0], expected.float(), atol=1e-6, rtol=0)  # fp32 cosine of fp64 states
+    assert (own - expected).abs().max() > 1e-3                                   # the policy's own view has moved
+    assert all(torch.equal(weights[k], v) for k, v in frozen.state_dict().items())

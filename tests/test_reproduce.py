@@ -62,9 +62,15 @@ def test_quick_run_writes_results_and_reuses_the_base(tmp_path):
     assert set(again["reused"]) == set(res["runs"])
     assert {"refine-uniform-s0", "refine-answer-s0", "refine-binary-s0", "refine-k3-s0", "refine-c4-s0"} <= \
         set(again["runs"])
-    assert again["ablations"]["refine-answer-s0"] == ["--select_mode=answer"]
+    assert {"refine-mb4-s0", "sft-mb4-s0", "post-refine-s0", "post-sft-s0", "refine-only-frozen-s0"} <= \
+        set(again["runs"])
+    assert set(again["ablations"]) == {"refine-binary-s0", "refine-k3-s0", "refine-c4-s0"}
+    assert "--reward_encoder=frozen" in again["runs"]["refine-only-frozen-s0"]["signature"]["argv"]
+    assert again["reward_curves"]["refine-only-frozen-s0"]["steps"] == 3
+    assert set(again["runs"]["post-sft-s0"]["niah"]) == set(res["base_eval"]["niah"])
     md = (tmp_path / "results" / "results.md").read_text()
     assert "## 7. Ablations" in md and "## 9. Selection" in md and "| answer |" in md
+    assert "## 11. Post-training" in md and "## 12. Optimiser steps" in md and "## 13. REFINE-only with a frozen" in md
     # the figures are drawn by the command, headless; --report redraws them and rewrites results.md from results.json
     for name in ("niah.png", "curves.png"):
         png = (tmp_path / "results" / name).read_bytes()

@@ -117,6 +117,7 @@ def test_resume_is_exact(tmp_path):
     (["--preset", "toy", "--parallel=zero"], "choose one of ddp, fsdp"),
     (["--preset", "toy", "--rollout_len=300"], "--rollout_len=300 does not fit"),
     (["--preset", "toy", "--reward=bleu"], "choose one of cosine, binary, hybrid"),
+    (["--preset", "toy", "--phase=post", "--reward_encoder=frozen"], "--reward_encoder=frozen works in --phase=mid"),
     (["--preset", "toy", "--answer_weight=1", "--data=/nonexistent/file.txt"], "/nonexistent/file.txt"),
     (["--preset", "toy", "--answer_weight=1", "--select_mode=answer", "--data=x.txt"], "need --data=synthetic"),
 ])
@@ -176,6 +177,18 @@ def test_post_phase_nested_loop(tmp_path):
     assert out.count("| answer sft") == 2 and "test score after" in out
     res = json.loads((tmp_path / "post.json").read_text())
     assert set(res) == {"before", "after"} and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_post_phase_sft_only_and_a_frozen_reward_encoder(tmp_path):
+    """--objective=sft post-trains on the answers alone (no prompt step); --reward_encoder=frozen runs mid-training."""
+    code, out, err = run("--preset", "toy", "--phase=post", "--objective=sft", "--max_steps=2", "--batch_size=2",
+                         *PAIRS, f"--out_dir={tmp_path / 'post'}")
+    assert code == 0, err
+    assert out.count("| answer sft") == 2 and "prompt ntp" not in out
+    code, out, err = run("--preset", "toy", *TINY, "--max_steps=2", "--reward_encoder=frozen",
+                         f"--out_dir={tmp_path / 'mid'}")
+    assert code == 0, err
+    assert phases(tmp_path / "mid") == ["warmup", "refine", "refine"] and out.count(" reward ") == 2
 
 
 def test_ttt_phase_from_a_parquet(tmp_path):
