@@ -84,29 +84,22 @@ def _start_range(length: int, k: int, margin: int, end_margin: bool = True) -> t
 def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "entropy",
                      temperature: float = 1.0, margin: int = 20, lengths=None,
                      generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one rollout position per chunk. Returns t (the last prefix token) as a LongTensor [B, n_chunks].
+    """Pick one rollout position per chunk -> t, the last prefix token, LongTensor [B, n_chunks].
 
-    entropy: [B, T] per-position NTP entropy (from token_entropy); lengths: [B] real tokens per row
-    (tensor or list of ints, tokens at [0, L), default L = T); k: rollout length (also the smoothing kernel).
-    For each row:
-      1. chunks: [0, L) is cut into n_chunks contiguous chunks of size L // n_chunks; the remainder
-         [n_chunks * (L // n_chunks), L) is never sampled.
+    entropy: [B, T] per-position NTP entropy (token_entropy); lengths: [B] real tokens per row (tensor or ints,
+    tokens at [0, L), default L = T); k: rollout length (also the smoothing kernel). For each row:
+      1. [0, L) is cut into n_chunks chunks of size L // n_chunks; the remainder is never sampled.
       2. in each chunk ONE index i is chosen:
-         "entropy": i ~ softmax(smooth_entropy(H, k) / temperature) over the chunk (smoothing sees only the real
-                    tokens: entries at >= L are treated as zero padding);
-         "uniform": i ~ uniform over the chunk;
-         "argmax" / "argmin": the first index of the max / min of the UNsmoothed entropy in the chunk;
-         "answer" (this project's, not the paper's): no chunks; the n_chunks positions are drawn with replacement
-                    among the row's `allowed` positions (bool [B, T], e.g. the last token before each query-answer
-                    word, whose continuation is predictable from context, unlike a needle's random value) with
-                    p(t) = softmax(smooth_entropy(H, k) / temperature) over them; a row without any allowed real
-                    position falls back to "entropy". The start is clamped without the end margin (answers end
-                    the document), i.e. into [max(margin, 1), L - k].
-      3. the rollout start s = i + 1 is clamped into the allowed range (see _start_range: [max(margin, 1),
-         L - max(margin, k)], or [1, L - k] when L is too short for the margin), and t = s - 1 is returned,
-         so 0 <= t and t + 1 + k <= L always.
-    Sampling uses torch.multinomial with `generator` (a seeded torch.Generator on entropy's device, for
-    reproducibility).
+         "entropy": i ~ softmax(smooth_entropy(H, k) / temperature) over the chunk (entries at >= L count as zero
+                    padding in the smoothing); "uniform": i ~ uniform; "argmax" / "argmin": the first index of the
+                    max / min of the UNsmoothed entropy;
+         "answer" (this project's, not the paper's): no chunks; n_chunks positions drawn with replacement among
+                    the row's `allowed` positions (bool [B, T], e.g. the token before each query-answer word, whose
+                    continuation is predictable, unlike a needle's random value) with the same softmax; a row
+                    without allowed real positions falls back to "entropy"; no end margin (answers end a document).
+      3. the start s = i + 1 is clamped into the allowed range (_start_range: [max(margin, 1), L - max(margin, k)],
+         or [1, L - k] when L is too short for the margin) and t = s - 1 is returned: 0 <= t, t + 1 + k <= L.
+    Sampling uses torch.multinomial with `generator` (a seeded torch.Generator on entropy's device).
     """
     if entropy.dim() != 2:
         raise ValueError(f"entropy must be [B, T], got shape {tuple(entropy.shape)}")
