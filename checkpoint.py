@@ -109,26 +109,20 @@ def _read_config(path):
         raise ValueError(f"'{file}' is not valid JSON ({e})") from None
 
 
-def _build(config, device):
+def model_from_config_json(path_or_dict, device="meta", **overrides) -> FastWeightLM:
+    """A FastWeightLM from a reference config (a dict, a config.json file or a checkpoint folder), no weights loaded:
+    on the meta device (the default) only shapes and parameter counts exist; elsewhere the reference init.
+    overrides: runtime ModelConfig fields (delta_backend, chunk_size, gradient_checkpointing, ...)."""
+    config = config_from_hf(path_or_dict if isinstance(path_or_dict, dict) else _read_config(path_or_dict))
+    bad = sorted(set(overrides) - set(_FIELDS))
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {', '.join(bad)}; valid: {', '.join(_FIELDS)}")
+    config = dataclasses.replace(config, **overrides)
     try:
         with torch.device(device):
             return FastWeightLM(config)
     except NotImplementedError as e:          # a mixer's own guard, in case config_from_hf let something through
         raise ValueError(str(e)) from None
-
-
-def model_from_config_json(path_or_dict, device="meta", **overrides) -> FastWeightLM:
-    """A FastWeightLM from a reference config (a dict, a config.json file or a checkpoint folder), no weights loaded:
-    on the meta device (the default) only shapes and parameter counts exist; elsewhere the reference init."""
-    hf = path_or_dict if isinstance(path_or_dict, dict) else _read_config(path_or_dict)
-    return _build(_override(config_from_hf(hf), overrides), device)
-
-
-def _override(config, overrides):
-    bad = sorted(set(overrides) - set(_FIELDS))
-    if bad:
-        raise ValueError(f"unknown ModelConfig field(s) {', '.join(bad)}; valid: {', '.join(_FIELDS)}")
-    return dataclasses.replace(config, **overrides)
 
 
 def _short(names, n=5):
@@ -154,32 +148,24 @@ def _read_weights(folder, device):
     return {name: t for shard in shards for name, t in load_file(folder / shard, device=device).items()}
 
 
-def _split_fused_mlp(state, expected):
-    """Older fla GatedMLP stored one gate_proj [2I, D] computing `gate, y = gate_proj(x).chunk(2, -1)`:
-    gate_proj = first half, up_proj = second half."""
-    for name in [k for k in state if k.endswith(".mlp.gate_proj.weight")]:
-        up = name.replace(".gate_proj.", ".up_proj.")
-        w = state[name]
-        if up not in state and up in expected and w.shape[0] == 2 * expected[name][0]:
-            state[name], state[up] = w.chunk(2, dim=0)   # [2I, D] -> gate [I, D], up [I, D]
-    return state
-
-
 def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     """A FastWeightLM from a checkpoint folder in the reference layout, in eval mode. dtype: None keeps the
-    checkpoint's (config torch_dtype / dtype, else the stored embedding's); device: None = cpu. overrides: runtime
-    ModelConfig fields (delta_backend, chunk_size, gradient_checkpointing, ...). Built on the meta device, then the
-    loaded tensors are assigned, so no memory goes to a throw-away init."""
+    checkpoint's (config torch_dtype / dtype, else the stored embedding's); device: None = cpu. overrides: as
+    model_from_config_json. Built on the meta device, then the loaded tensors are assigned, so no memory goes to a
+    throw-away init."""
     folder = Path(path)
     hf = _read_config(folder)
-    config = _override(config_from_hf(hf), overrides)
-    model = _build(config, "meta")
+    model = model_from_config_json(hf, "meta", **overrides)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = _read_weights(folder, str(torch.device(device or "cpu")))
-    if config.tie_word_embeddings:                    # the reference drops the tied copy when saving
+    if model.config.tie_word_embeddings:                    # the reference drops the tied copy when saving
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
-    state = _split_fused_mlp(state, expected)
+    for name in [k for k in state if k.endswith(".mlp.gate_proj.weight")]:
+        # older fla GatedMLP: one gate_proj [2I, D] computing `gate, y = gate_proj(x).chunk(2, -1)`
+        up = name.replace(".gate_proj.", ".up_proj.")
+        if up not in state and up in expected and state[name].shape[0] == 2 * expected[name][0]:
+            state[name], state[up] = state[name].chunk(2, dim=0)   # [2I, D] -> gate [I, D], up [I, D]
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise ValueError(f"weights in '{folder}' do not match the config: missing keys [{_short(missing)}]; "
@@ -193,7 +179,7 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
         raise ValueError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)   # the keys are checked above
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embeddings.weight   # the tied head shares the embedding Parameter
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
@@ -259,8 +245,8 @@ def save_training(path, model, opt, meta, write=True):
     a half-written checkpoint. -> the gathered model state (for the Hugging Face export)."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, opt_state = get_model_state_dict(module, options=full), get_optimizer_state_dict(module, opt,
-                                                                                                  options=full)
+    model_state = get_model_state_dict(module, options=full)
+    opt_state = get_optimizer_state_dict(module, opt, options=full)
     if write:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
         torch.save({"model": model_state, "optimizer": opt_state, "rng": rng, **meta}, path + ".tmp")
@@ -272,10 +258,11 @@ def load_training(path, model, opt):
     """Load a save_training file into model (plain, DDP or FSDP2: each process takes its part) and opt; restores
     the RNG state. -> the checkpoint dict. One-line ValueError for a file that is not this run's kind."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
+    full = StateDictOptions(full_state_dict=True)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        set_model_state_dict(module, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(module, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(module, ckpt["model"], options=full)
+        set_optimizer_state_dict(module, opt, ckpt["optimizer"], options=full)
     except Exception as e:  # unpickling errors, missing keys, shape mismatches: all mean "not this run's file"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot resume from {path}: corrupt or incompatible checkpoint ({first[:200]})") from None

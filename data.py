@@ -127,28 +127,6 @@ def _grammar(tokenizer):
     return w, [[[w[x] for x in _SLOTS[s]] if s in _SLOTS else [w[s]] for s in t.split()] for t in TEMPLATES]
 
 
-def _filler(rng, n_tokens, templates):
-    """Filler sentences (token lists) totalling exactly n_tokens; the first one is cut at its start if needed.
-    Returns (sentences, first_is_partial)."""
-    sentences, total = [], 0
-    while total < n_tokens:
-        draws = rng.integers(0, 1 << 30, size=((n_tokens - total) // 7 + 1, 1 + max(map(len, templates))))
-        for row in draws.tolist():   # column 0 picks the template, column j + 1 fills slot j
-            slots = templates[row[0] % len(templates)]
-            sentence = [t for j, opts in enumerate(slots) for t in opts[row[j + 1] % len(opts)]]
-            sentences.append(sentence)
-            total += len(sentence)
-            if total >= n_tokens:
-                break
-    excess, partial = total - n_tokens, total > n_tokens
-    while excess > 0:   # drop the start, as if the window began mid-text
-        if len(sentences[0]) <= excess:
-            excess -= len(sentences.pop(0))
-        else:
-            sentences[0], excess = sentences[0][excess:], 0
-    return sentences, partial and len(sentences) > 0
-
-
 def value_range(value_tokens):
     """value_tokens as an inclusive range (lo, hi): an int n is (n, n). ValueError unless 1 <= lo <= hi."""
     lo, hi = (value_tokens, value_tokens) if isinstance(value_tokens, int) else tuple(value_tokens)
@@ -158,8 +136,7 @@ def value_range(value_tokens):
 
 
 def _sample_needles(rng, n_keys, values_per_key, value_tokens):
-    """[(key, value words)] in document order: distinct keys, distinct first value words. value_tokens: an int (every
-    value has that many words) or a range (lo, hi): each value's length is drawn uniformly from lo..hi."""
+    """[(key, value words)] in document order: distinct keys, distinct first value words, lengths as value_range."""
     lo, hi = value_range(value_tokens)
     if not 1 <= n_keys <= len(KEYS) or not 1 <= n_keys * values_per_key <= len(VALUES):
         raise ValueError(f"need 1..{len(KEYS)} keys, 1..{len(VALUES)} needles in all and value_tokens >= 1; "
@@ -197,14 +174,30 @@ def _ids(words, w, mask=None):
 
 
 def _assemble(rng, length, needles, tail, tail_mask, w, templates):
-    """Filler with the needles (in order) at random sentence boundaries, then `tail`: exactly `length` tokens."""
+    """Filler sentences with the needles (in order) at random sentence boundaries, then `tail`: exactly `length`
+    tokens. The filler's first sentence is cut at its start if needed (as if the window began mid-text)."""
     needle_ids = [_ids(["The", "code", "for", k, "is", *v, "."], w)[0] for k, v in needles]
     fixed = sum(map(len, needle_ids)) + len(tail)
     if length < fixed:
         raise ValueError(f"length_tokens={length} is too short for {len(needles)} needles and the queries "
                          f"(needs at least {fixed})")
-    sentences, partial = _filler(rng, length - fixed, templates)
-    where = np.sort(rng.integers(int(partial), len(sentences) + 1, size=len(needle_ids))).tolist()
+    n_filler, sentences, total = length - fixed, [], 0
+    while total < n_filler:
+        draws = rng.integers(0, 1 << 30, size=((n_filler - total) // 7 + 1, 1 + max(map(len, templates))))
+        for row in draws.tolist():   # column 0 picks the template, column j + 1 fills slot j
+            slots = templates[row[0] % len(templates)]
+            sentences.append([t for j, opts in enumerate(slots) for t in opts[row[j + 1] % len(opts)]])
+            total += len(sentences[-1])
+            if total >= n_filler:
+                break
+    excess = total - n_filler   # < the last sentence's length, so part of a sentence is always left
+    while excess > 0:
+        if len(sentences[0]) <= excess:
+            excess -= len(sentences.pop(0))
+        else:
+            sentences[0], excess = sentences[0][excess:], 0
+    cut = int(total > n_filler)   # then no needle goes before the cut sentence
+    where = np.sort(rng.integers(cut, len(sentences) + 1, size=len(needle_ids))).tolist()
     for j in reversed(range(len(needle_ids))):   # from the back, so the earlier boundaries keep their index
         sentences.insert(where[j], needle_ids[j])
     ids = [t for sentence in sentences for t in sentence]
@@ -222,8 +215,8 @@ def make_document(rng, length_tokens, tokenizer, n_needles=(1, 4), value_tokens=
     lo, hi = (n_needles, n_needles) if isinstance(n_needles, int) else n_needles
     n = int(rng.integers(lo, hi + 1))
     style = styles[int(rng.integers(len(styles)))]
-    if style not in ("S", "MK", "MQ", "MV"):
-        raise ValueError(f"unknown document style '{style}'; valid: S, MK, MQ, MV")
+    if style not in VARIANTS:
+        raise ValueError(f"unknown document style '{style}'; valid: {', '.join(VARIANTS)}")
     needles = _sample_needles(rng, 1 if style == "MV" else n, n if style == "MV" else 1, value_tokens)
     if style in ("S", "MK"):
         asked = rng.permutation(n).tolist()[:1 if style == "MK" else n]
@@ -288,15 +281,11 @@ class SyntheticData:
     def get_batch(self, batch_size, with_mask=False):
         """-> LongTensor [B, seq_len + 1] (x = batch[:, :-1], y = batch[:, 1:]); with_mask=True also returns a
         bool [B, seq_len + 1] marking answer value tokens (weights for the targets: mask[:, 1:])."""
-        ids, masks = [], []
-        for r in range(self.rows, self.rows + batch_size):
-            doc, mask = make_document(train_rng(self.seed, r), self.seq_len, self.tokenizer, self.n_needles,
-                                      self.value_tokens, self.styles, return_mask=True)
-            ids.append([self.tokenizer.bos_id] + doc)
-            masks.append([0] + mask)
+        docs = [make_document(train_rng(self.seed, r), self.seq_len, self.tokenizer, self.n_needles, self.value_tokens,
+                              self.styles, return_mask=True) for r in range(self.rows, self.rows + batch_size)]
         self.rows += batch_size
-        batch = torch.tensor(ids, dtype=torch.long)   # [B, seq_len + 1]
-        return (batch, torch.tensor(masks, dtype=torch.bool)) if with_mask else batch
+        batch = torch.tensor([[self.tokenizer.bos_id] + ids for ids, _ in docs], dtype=torch.long)   # [B, seq_len + 1]
+        return (batch, torch.tensor([[0] + mask for _, mask in docs], dtype=torch.bool)) if with_mask else batch
 
     def state_dict(self):
         return {"seed": self.seed, "rows": self.rows}
@@ -338,8 +327,7 @@ def _records(f):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f} line {i} is not valid JSON ({e.msg}); each line must be a JSON object") \
-                    from None
+                raise ValueError(f"{f} line {i} is not valid JSON ({e.msg}); each line must be a JSON object") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{f} line {i} is not a JSON object; each line must be an object with a 'text' field")
             rows.append(row)
@@ -361,7 +349,7 @@ def load_documents(path):
                                  f"valid: a 'text' column, or 'prompt' with an optional 'answer'/'answers' column")
         for i, row in enumerate(_records(f), 1):
             if "text" in row:
-                docs.append(row["text"] or "")
+                docs.append(row["text"])   # None or "": dropped below
             elif "prompt" in row:
                 prompt, ans = row["prompt"] or "", row.get("answer", row.get("answers"))
                 ans = (ans[0] if ans else "") if isinstance(ans, (list, tuple)) else ans or ""   # the first answer

@@ -47,10 +47,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, gener
         state = out.snapshots                                                      # row b: state after last[b]
         logits = rollout.prefix_logits(out.logits, last)                           # [B, V]
         for i in range(max_new_tokens):
-            if temperature == 0:
-                tok = logits.argmax(-1)                                            # [B] greedy
-            else:
-                tok, _ = rollout.sample_token(logits, temperature, generator=generator)
+            tok = (logits.argmax(-1) if temperature == 0                           # [B] greedy or sampled
+                   else rollout.sample_token(logits, temperature, generator=generator)[0])
             for b, t in enumerate(tok.tolist()):
                 done[b] = done[b] or t == eos_id
                 if not done[b]:
@@ -89,13 +87,11 @@ def encode_prompt(tokenizer, text, max_prompt_tokens=None):
     """BOS + tokens of `text`; when longer than max_prompt_tokens (BOS included) the MIDDLE is cut out, keeping the
     first and last halves as LongBench's pred.py does (the instruction and the question survive)."""
     ids = tokenizer.encode(text)
-    if max_prompt_tokens is not None:
-        if max_prompt_tokens < 3:
-            raise ValueError(f"max_prompt_tokens must be >= 3 (BOS + head + tail), got {max_prompt_tokens}")
-        keep = max_prompt_tokens - 1
-        if len(ids) > keep:
-            head = keep // 2
-            ids = ids[:head] + ids[len(ids) - (keep - head):]                     # LongBench: first + last half
+    if max_prompt_tokens is not None and max_prompt_tokens < 3:
+        raise ValueError(f"max_prompt_tokens must be >= 3 (BOS + head + tail), got {max_prompt_tokens}")
+    keep = len(ids) if max_prompt_tokens is None else max_prompt_tokens - 1
+    if len(ids) > keep:
+        ids = ids[:keep // 2] + ids[len(ids) - (keep - keep // 2):]               # LongBench: first + last half
     return [tokenizer.bos_id] + ids
 
 # ----------------------------------------------------------------------------------------------- NIAH
@@ -187,8 +183,7 @@ def eval_validation(model, batches):
     model.eval()
     try:
         device, loss_sum, hits, count = model.lm_head.weight.device, 0.0, 0, 0
-        for batch in batches:
-            batch = batch.to(device)
+        for batch in (b.to(device) for b in batches):
             x, y = batch[:, :-1], batch[:, 1:]                                     # [B, T] inputs, targets
             logits = model(x).logits                                               # [B, T, V]
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()   # logits >= fp32
@@ -206,10 +201,10 @@ def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
     """Adapt on one prompt (list of ids) with `steps` REFINE steps (step.train_step on a batch of one: x =
     prompt[:-1], y = prompt[1:], L = lambda_RL * L_NSP + lambda_SFT * L_NTP). -> the last step's stats."""
     from step import train_step
-    if len(prompt_ids) - 1 < max(cfg.n_chunks, cfg.rollout_len + 1):
+    need = max(cfg.n_chunks, cfg.rollout_len + 1) + 1
+    if len(prompt_ids) < need:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens is too short for test-time training with "
-                         f"n_chunks={cfg.n_chunks}, rollout_len={cfg.rollout_len}; need at least "
-                         f"{max(cfg.n_chunks, cfg.rollout_len + 1) + 1} tokens")
+                         f"n_chunks={cfg.n_chunks}, rollout_len={cfg.rollout_len}; need at least {need} tokens")
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.lm_head.weight.device)[None]   # [1, L + 1]
     was_training, stats = model.training, {}
     model.train()

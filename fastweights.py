@@ -1,6 +1,6 @@
 """Fast-weight token mixers: the DeltaNet layer (and shared pieces used by lact.py).
 
-Each mixer offers three ways to run that must agree (tests/test_fastweights.py):
+Each mixer offers three ways to run that must agree (tests/test_model.py):
   forward(x, snapshot_at=None) -> (y, snapshots)   full sequence; optionally the state after chosen positions
   step(x, state) -> (y, new_state)                  continue from a state (decoding), never in place
   init_state(batch_size, device) -> state           the empty state
@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import delta_rule
-from kernels.recurrent import recurrent_delta_rule
 
 
 class RMSNorm(nn.Module):
@@ -96,21 +95,18 @@ class DeltaNetMixer(nn.Module):
         q, tq = self.q_conv1d(pq, get("conv_q"))
         k, tk = self.k_conv1d(pk, get("conv_k"))
         v, tv = self.v_conv1d(pv, get("conv_v"))
-        q = l2norm(q.view(B, T, self.H, self.dk))                              # [B, T, H, dk]
-        k = l2norm(k.view(B, T, self.H, self.dk))
+        q, k = (l2norm(t.view(B, T, self.H, self.dk)) for t in (q, k))        # [B, T, H, dk]
         v = v.view(B, T, self.H, self.dv)                                      # [B, T, H, dv]
         beta = torch.sigmoid(self.b_proj(x).to(torch.promote_types(x.dtype, torch.float32)))  # [B, T, H]
         return q, k, v, beta, (tq, tk, tv), (pq, pk, pv)
 
     def _output(self, o):  # o [B, T, H, dv] -> [B, T, D]
-        B, T = o.shape[:2]
-        return self.o_proj(self.o_norm(o).reshape(B, T, self.value_dim))
+        return self.o_proj(self.o_norm(o).flatten(2))                         # o_norm(o) as [B, T, H * dv]
 
     def forward(self, x, snapshot_at=None):
-        """x: [B, T, D]; snapshot_at: LongTensor [B, P], None, or "defer". Returns (y [B, T, D], snapshots):
-        snapshots is None, a state whose row b*P + p is the state after token snapshot_at[b, p] of sequence b,
-        or (with "defer") a function positions [B, P] -> that state, differentiable through this pass. The states
-        come from the same delta-rule pass as y (config.delta_backend: "auto" is Triton on CUDA, torch elsewhere)."""
+        """x: [B, T, D]; snapshot_at: LongTensor [B, P], None, or "defer". Returns (y [B, T, D], snapshots): None,
+        a state whose row b*P + p is the state after token snapshot_at[b, p] of sequence b, or ("defer") a function
+        positions [B, P] -> that state; differentiable, from the same delta-rule pass as y."""
         q, k, v, beta, _, projections = self._inputs(x, None)
         if snapshot_at is None:
             o, _ = delta_rule(q, k, v, beta, backend=self.backend, chunk_size=self.chunk_size)
@@ -130,9 +126,7 @@ class DeltaNetMixer(nn.Module):
                 snaps[name] = torch.where(idx[:, :, None] >= 0, rows, 0).view(B * P, w - 1, -1)  # [B*P, w-1, d]
             return snaps
 
-        if isinstance(snapshot_at, str):
-            return self._output(o), snapshots
-        return self._output(o), snapshots(snapshot_at)
+        return self._output(o), snapshots if isinstance(snapshot_at, str) else snapshots(snapshot_at)
 
     def init_state(self, batch_size, device=None, dtype=torch.float32):
         w = self.q_conv1d.kernel_size[0]
@@ -145,10 +139,8 @@ class DeltaNetMixer(nn.Module):
     def step(self, x, state):
         """x: [B, T, D] new tokens (T = 1 when decoding), state: dict. Returns (y [B, T, D], new state)."""
         q, k, v, beta, (tq, tk, tv), _ = self._inputs(x, state)
-        if x.shape[1] < self.chunk_size:  # less than a chunk (decoding): the recurrent form is the cheapest
-            o, S = recurrent_delta_rule(q, k, v, beta, None, state["S"], True)
-        else:
-            o, S = delta_rule(q, k, v, beta, initial_state=state["S"], output_final_state=True,
-                              backend=self.backend, chunk_size=self.chunk_size)
+        backend = "recurrent" if x.shape[1] < self.chunk_size else self.backend  # decoding: the token loop is cheapest
+        o, S = delta_rule(q, k, v, beta, initial_state=state["S"], output_final_state=True, backend=backend,
+                          chunk_size=self.chunk_size)
         new = {"S": S, "conv_q": tq, "conv_k": tk, "conv_v": tv, "pos": state["pos"] + x.shape[1]}
         return self._output(o), new

@@ -1,10 +1,8 @@
 """The LaCT token mixer (Zhang et al. 2025, "Test-Time Training Done Right"): sliding-window attention plus a
 SwiGLU fast-weight network updated once per large chunk (apply-then-update), summed before o_proj.
 
-Three ways to run that agree (tests/test_lact.py), as for the DeltaNet mixer in fastweights.py:
-  forward(x, snapshot_at=None) -> (y, snapshots)   full sequence from the empty state
-  step(x, state) -> (y, new_state)                  T new tokens (T one-token steps), functional
-  init_state(batch_size, device, dtype) -> state    the empty state
+forward, step and init_state as for the DeltaNet mixer in fastweights.py (they agree: tests/test_lact.py); forward
+starts from the empty state, step runs T new tokens as T one-token steps.
 State (first dim = batch, see `map_state`): pos [B] tokens consumed; attn_k/attn_v [B, window-1, Ha, dh] the last
 window-1 post-RoPE keys/values (most recent last, zeros before the sequence start); w0, w2 [B, Hl, dh, din] and
 w1 [B, Hl, dout, dh] the fast weights after pos // C chunk updates; m0, m1, m2 their momentum (use_momentum);
@@ -32,24 +30,15 @@ def inv_softplus(y):
     return y + math.log(-math.expm1(-y))
 
 
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-
-
 def rope(x, pos, theta):
     """Rotate-half RoPE. x: [B, T, H, dh], pos: [B, T] integer positions -> [B, T, H, dh]."""
     half = x.shape[-1] // 2
-    acc = _acc(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     inv_freq = 1.0 / theta ** (torch.arange(0, 2 * half, 2, device=x.device, dtype=acc) / (2 * half))  # [dh/2]
     ang = pos.to(acc)[..., None, None] * inv_freq                     # [B, T, 1, dh/2]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., :half].to(acc), x[..., half:].to(acc)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def l2_normalize(x):
-    """x / (||x|| + 1e-5) over the last dim (the reference's epsilon). x: [..., d]."""
-    return x / (x.norm(dim=-1, keepdim=True) + 1e-5)
 
 
 def silu_grad(x):
@@ -59,7 +48,7 @@ def silu_grad(x):
 
 
 def swiglu_apply(w0, w1, w2, x):
-    """f(x) = W1 (silu(W0 x) * (W2 x)). w0, w2: [..., dh, din], w1: [..., dout, dh], x: [..., L, din] -> [..., L, dout]."""
+    """f(x) = W1 (silu(W0 x) * (W2 x)); w0, w2 [..., dh, din], w1 [..., dout, dh], x [..., L, din] -> [..., L, dout]."""
     xt = x.transpose(-1, -2)                                          # [..., din, L]
     return (w1 @ (F.silu(w0 @ xt) * (w2 @ xt))).transpose(-1, -2)
 
@@ -148,12 +137,10 @@ class LaCTMixer(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
         c = config
-        for field, ok, value in [("attn_qk_norm", False, c.attn_qk_norm), ("no_v_silu", False, c.no_v_silu),
-                                 ("ttt_prenorm", False, c.ttt_prenorm), ("lr_dim", 1, c.lr_dim),
-                                 ("lr_parameterization", "mamba", c.lr_parameterization),
-                                 ("ttt_loss_type", "dot_product", c.ttt_loss_type)]:
-            if value != ok:
-                raise NotImplementedError(f"{field}={value!r} is not implemented (only {ok!r})")
+        for field, ok in [("attn_qk_norm", False), ("no_v_silu", False), ("ttt_prenorm", False), ("lr_dim", 1),
+                          ("lr_parameterization", "mamba"), ("ttt_loss_type", "dot_product")]:
+            if getattr(c, field) != ok:
+                raise NotImplementedError(f"{field}={getattr(c, field)!r} is not implemented (only {ok!r})")
         D, Ha, Hl = c.hidden_size, c.num_attn_heads, c.num_lact_heads
         if D % Ha or D % Hl or (D // Ha) % 2:
             raise ValueError(f"hidden_size {D} must split into {Ha} attention heads of even size and {Hl} lact heads")
@@ -172,12 +159,9 @@ class LaCTMixer(nn.Module):
         self.qkv = nn.Linear(D, 3 * D, bias=c.qkv_bias)
         self.o_proj = nn.Linear(D, D, bias=False)
         d_in, d_h = self.fw_dim, self.d_h
-        if self.low_rank > 0:
-            self.w0 = LowRankWeight(Hl, d_h, d_in, self.low_rank)
-            self.w2 = LowRankWeight(Hl, d_h, d_in, self.low_rank)
-        else:
-            self.w0 = nn.Parameter(torch.empty(Hl, d_h, d_in))
-            self.w2 = nn.Parameter(torch.empty(Hl, d_h, d_in))
+        for name in ("w0", "w2"):                                      # [Hl, dh, din]
+            setattr(self, name, LowRankWeight(Hl, d_h, d_in, self.low_rank) if self.low_rank > 0
+                    else nn.Parameter(torch.empty(Hl, d_h, d_in)))
         self.w1 = nn.Parameter(torch.empty(Hl, d_in, d_h))             # [Hl, dout, dh]
         self.lr_proj = nn.Linear(D, 3 * Hl)                             # channel 3h + j: rate of Wj of head h
         self.qk_scale = nn.Parameter(torch.ones(D, 2))
@@ -191,8 +175,7 @@ class LaCTMixer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters_like_reference(self, initializer_range):
-        """The reference's _init_weights for this layer: Linear weights N(0, initializer_range) and zero biases,
-        qk_scale 1, qk_offset 0, ttt_norm 1, initial fast weights as in the LaCT reference. Skipped on the meta device."""
+        """The reference's _init_weights for this layer (Linears, norms, fast weights); skipped on the meta device."""
         if self.w1.is_meta:
             return
         for lin in [m for m in self.modules() if isinstance(m, nn.Linear)]:
@@ -202,13 +185,12 @@ class LaCTMixer(nn.Module):
         nn.init.ones_(self.qk_scale)
         nn.init.zeros_(self.qk_offset)
         nn.init.ones_(self.ttt_norm.weight)
-        if self.low_rank > 0:
-            for w in (self.w0, self.w2):
+        for w in (self.w0, self.w2):
+            if self.low_rank > 0:
                 nn.init.normal_(w.w_left, std=self.fw_init_gain / math.sqrt(self.low_rank))
                 nn.init.normal_(w.w_right, std=self.fw_init_gain / math.sqrt(self.fw_dim))
-        else:
-            nn.init.normal_(self.w0, std=1 / math.sqrt(self.fw_dim))
-            nn.init.normal_(self.w2, std=1 / math.sqrt(self.fw_dim))
+            else:
+                nn.init.normal_(w, std=1 / math.sqrt(self.fw_dim))
         nn.init.normal_(self.w1, std=1 / math.sqrt(self.d_h))
 
     def initial_weights(self):
@@ -220,39 +202,30 @@ class LaCTMixer(nn.Module):
     def _project(self, x, pos):
         """x: [B, T, D], pos: [B, T] -> dict of q, k, v [B, T, Ha, dh] (q, k post-RoPE); fq, fk, fv [B, Hl, T, d];
         lr [B, Hl, T, 3]; gate [B, Hl, T, 1] or None; scale [B, Hl, T, 1] or None."""
-        B, T, D = x.shape
-        Ha, Hl = self.n_attn, self.n_fw
+        (B, T, _), Ha, Hl = x.shape, self.n_attn, self.n_fw
         q, k, v = self.qkv(x).chunk(3, dim=-1)                         # [B, T, D] each
         fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]            # fast branch: same q, k, v before RoPE
         fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
         fq, fk, fv = (t.view(B, T, Hl, -1) for t in (fq, fk, v))       # [B, T, Hl, d]
         if self.qkv_silu:
             fq, fk, fv = F.silu(fq), F.silu(fk), F.silu(fv)
-        fq, fk = l2_normalize(fq), l2_normalize(fk)
+        fq, fk = (t / (t.norm(dim=-1, keepdim=True) + 1e-5) for t in (fq, fk))  # L2, the reference's epsilon
         if not self.ttt_nope:  # RoPE over attention-head-sized blocks of the fast-weight heads
-            fq = rope(fq.reshape(B, T, Ha, -1), pos, self.theta).view(B, T, Hl, -1)
-            fk = rope(fk.reshape(B, T, Ha, -1), pos, self.theta).view(B, T, Hl, -1)
-        acc = _acc(x.dtype)
+            fq, fk = (rope(t.reshape(B, T, Ha, -1), pos, self.theta).view(B, T, Hl, -1) for t in (fq, fk))
+        acc = torch.promote_types(x.dtype, torch.float32)
         lr = F.softplus(self.lr_proj(x).to(acc) + inv_softplus(BASE_LR)).view(B, T, Hl, 3)
-        out = dict(q=rope(q.view(B, T, Ha, -1), pos, self.theta), k=rope(k.view(B, T, Ha, -1), pos, self.theta),
-                   v=v.view(B, T, Ha, -1), fq=fq.transpose(1, 2), fk=fk.transpose(1, 2), fv=fv.transpose(1, 2),
-                   lr=lr.transpose(1, 2), gate=None, scale=None)
-        if self.use_momentum:
-            out["gate"] = self.momentum_proj(x).to(acc).transpose(1, 2)[..., None]  # [B, Hl, T, 1]
-        if self.learnable_ttt_scale:
-            out["scale"] = F.silu(self.ttt_scale_proj(x)).transpose(1, 2)[..., None]  # [B, Hl, T, 1]
-        return out
+        gate = self.momentum_proj(x).to(acc).transpose(1, 2)[..., None] if self.use_momentum else None
+        scale = F.silu(self.ttt_scale_proj(x)).transpose(1, 2)[..., None] if self.learnable_ttt_scale else None
+        return dict(q=rope(q.view(B, T, Ha, -1), pos, self.theta), k=rope(k.view(B, T, Ha, -1), pos, self.theta),
+                    v=v.view(B, T, Ha, -1), fq=fq.transpose(1, 2), fk=fk.transpose(1, 2), fv=fv.transpose(1, 2),
+                    lr=lr.transpose(1, 2), gate=gate, scale=scale)
 
     def _output(self, o_attn, o_fw, scale):
         """o_attn: [B, T, Ha, dh], o_fw: [B, Hl, T, d], scale: [B, Hl, T, 1] or None -> y [B, T, D]."""
-        B, T = o_attn.shape[:2]
-        acc = _acc(o_fw.dtype)  # ttt_norm: per-head RMSNorm in fp32 (fp64 for fp64 inputs)
-        of = o_fw.to(acc)
-        o_fw = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.ttt_norm.eps)
-                * self.ttt_norm.weight.to(acc)).to(o_fw.dtype)
+        o_fw = self.ttt_norm(o_fw)                                      # per-head RMSNorm in fp32 (fp64 for fp64)
         if scale is not None:
             o_fw = o_fw * scale
-        return self.o_proj(o_attn.reshape(B, T, -1) + o_fw.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(o_attn.flatten(2) + o_fw.transpose(1, 2).flatten(2))  # both [B, T, D]
 
     def _update(self, w, m, k, v, lr, gate, w_init):
         norms = tuple(wi.norm(dim=-1, keepdim=True) for wi in w_init)  # [Hl, rows, 1]: initial row norms
@@ -262,11 +235,9 @@ class LaCTMixer(nn.Module):
         """x: [B, T, D] from the empty state; snapshot_at: LongTensor [B, P] of positions t, None, or "defer".
         Returns y [B, T, D] and (if snapshot_at) the state after token snapshot_at[b, p] at row b * P + p
         (with "defer": a function positions [B, P] -> that state, to call once the positions are chosen)."""
-        B, T, _ = x.shape
-        C = self.chunk
+        (B, T, _), C = x.shape, self.chunk
         n_upd = (T - 1) // C if snapshot_at is None else T // C     # chunk j < n_upd updates W for chunk j + 1
-        pos = torch.arange(T, device=x.device).expand(B, T)
-        p = self._project(x, pos)
+        p = self._project(x, torch.arange(T, device=x.device).expand(B, T))  # positions [B, T]
         o_attn = sliding_window_attention(p["q"], p["k"], p["v"], self.window)  # [B, T, Ha, dh]
 
         w_init = self.initial_weights()
@@ -319,18 +290,17 @@ class LaCTMixer(nn.Module):
 
     def init_state(self, batch_size, device, dtype=torch.float32):
         """The empty state (see the module docstring), its fast weights the (differentiable) initial weights."""
-        B, C, Hl, acc = batch_size, self.chunk, self.n_fw, _acc(dtype)
+        B, C, Hl, acc = batch_size, self.chunk, self.n_fw, torch.promote_types(dtype, torch.float32)
+        zeros = lambda *shape, dtype=dtype: torch.zeros(B, *shape, device=device, dtype=dtype)
         w = [wi.to(device=device, dtype=dtype).expand(B, *wi.shape) for wi in self.initial_weights()]
-        state = {"pos": torch.zeros(B, dtype=torch.long, device=device),
-                 "attn_k": torch.zeros(B, self.window - 1, self.n_attn, self.head_dim, device=device, dtype=dtype),
-                 "w0": w[0], "w1": w[1], "w2": w[2]}
-        state["attn_v"] = torch.zeros_like(state["attn_k"])
+        state = {"pos": zeros(dtype=torch.long), "w0": w[0], "w1": w[1], "w2": w[2],
+                 "attn_k": zeros(self.window - 1, self.n_attn, self.head_dim),
+                 "attn_v": zeros(self.window - 1, self.n_attn, self.head_dim),
+                 "buf_k": zeros(Hl, C, self.fw_dim), "buf_v": zeros(Hl, C, self.fw_dim),
+                 "buf_lr": zeros(Hl, C, 3, dtype=acc)}
         if self.use_momentum:
             state.update(m0=torch.zeros_like(w[0]), m1=torch.zeros_like(w[1]), m2=torch.zeros_like(w[2]),
-                         buf_gate=torch.zeros(B, Hl, C, 1, device=device, dtype=acc))
-        state["buf_k"] = torch.zeros(B, Hl, C, self.fw_dim, device=device, dtype=dtype)
-        state["buf_v"] = torch.zeros_like(state["buf_k"])
-        state["buf_lr"] = torch.zeros(B, Hl, C, 3, device=device, dtype=acc)
+                         buf_gate=zeros(Hl, C, 1, dtype=acc))
         return state
 
     def step(self, x, state):
@@ -358,9 +328,7 @@ class LaCTMixer(nn.Module):
         new = {"pos": pos + 1, "attn_k": keys[:, 1:], "attn_v": vals[:, 1:]}
 
         here = (torch.arange(C, device=x.device) == (pos % C)[:, None])[:, None, :, None]  # [B, 1, C, 1]
-        bufs = {"buf_k": "fk", "buf_v": "fv", "buf_lr": "lr"}
-        if self.use_momentum:
-            bufs["buf_gate"] = "gate"
+        bufs = {"buf_k": "fk", "buf_v": "fv", "buf_lr": "lr", **({"buf_gate": "gate"} if self.use_momentum else {})}
         for name, key in bufs.items():
             new[name] = torch.where(here, p[key], state[name])          # write the token at slot pos % C
         m = (state["m0"], state["m1"], state["m2"]) if self.use_momentum else None

@@ -155,10 +155,8 @@ def _fuzz_ratio(a: str, b: str) -> int:
 
 
 def code_sim_score(prediction: str, ground_truth: str) -> float:
-    """LongBench code edit similarity: fuzz ratio / 100 between the first code line of the prediction (first line
-    without '`', '#' or '//', leading newlines skipped; "" if none) and the reference line."""
+    """LongBench code edit similarity: fuzz ratio / 100 between the prediction's first code line and the reference."""
     return _fuzz_ratio(_first_code_line(prediction, ""), ground_truth) / 100
-
 
 # ----------------------------------------------------------------------------------------------- LongBench task score
 
@@ -181,12 +179,11 @@ def longbench_score(task: str, prediction: str, answers: list, all_classes=None,
         prediction = prediction.lstrip("\n").split("\n")[0]
     elif mode == "refine" and metric == "qa_f1":
         prediction = prediction.split("\n")[0]
-    if mode == "refine" and metric != "code_sim":
-        # REFINE strips. This can move ROUGE: whitespace after the last full stop is one more (empty) word.
-        prediction = prediction.strip()
-
     if metric == "code_sim":
         prediction = _first_code_line(prediction, prediction if mode == "refine" else "")
+    elif mode == "refine":
+        # REFINE strips. This can move ROUGE: whitespace after the last full stop is one more (empty) word.
+        prediction = prediction.strip()
     classes = TREC_CLASSES if all_classes is None else all_classes
     score = {"qa_f1": qa_f1_score, "rouge_l": rouge_l_score, "code_sim": lambda p, gt: _fuzz_ratio(p, gt) / 100,
              "classification": lambda p, gt: classification_score(p, gt, classes)}[metric]

@@ -28,12 +28,12 @@ def plot_run(out_dir):
     runs = [list(run) for _, run in itertools.groupby(rows, key=lambda r: r["phase"])]   # consecutive rows, one phase
     spans = [(run[0]["phase"], run[0]["step"], run[-1]["step"]) for run in runs]         # (phase, first, last step)
     for ax, (key, label) in zip(axes, PANELS):
-        steps = [r["step"] for r in rows if r.get(key) is not None]
-        ax.plot(steps, [r[key] for r in rows if r.get(key) is not None], lw=0.8, color="black")
+        have = [r for r in rows if r.get(key) is not None]
+        ax.plot([r["step"] for r in have], [r[key] for r in have], lw=0.8, color="black")
         for phase, first, last in spans:
             ax.axvspan(first - 0.5, last + 0.5, color=SHADES[phase], alpha=0.15, lw=0, label=phase)   # one span each
         ax.set_ylabel(label)
-        if not steps:
+        if not have:
             ax.text(0.5, 0.5, "no rollouts (next-token steps only)", transform=ax.transAxes, ha="center")
     axes[0].legend(loc="upper right")
     axes[0].set_title(f"{out_dir}: " + ", then ".join(f"{p} {b - a + 1} steps" for p, a, b in spans))

@@ -46,8 +46,5 @@ def resolve_backend(backend, x):
 
 
 def _triton_runs(x):
-    try:
-        from .triton_delta import triton_can_run
-    except ImportError:
-        return False
+    from .triton_delta import triton_can_run  # a lazy import: triton is imported only where it may run
     return triton_can_run(x)

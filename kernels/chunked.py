@@ -72,8 +72,7 @@ def states_after(positions, chunk_states, k, v_new, chunk_size):
     """The state after token t = n*C + r (C = chunk_size) for every t in positions: S_n + K_{n,<=r}^T V'_{n,<=r}.
     positions: LongTensor [B, P] in [0, T); chunk_states: [B, N, H, K, V] (S_n, the state entering chunk n);
     k: [B, T, H, K]; v_new: [B, T', H, V] with T' >= T (row t is v'_t = beta_t (v_t - S_{t-1}^T k_t)).
-    Returns [B, P, H, K, V] in fp32 (fp64 for fp64 states), differentiable in all three tensors. Shared by the torch
-    and the Triton backends; a gather of P chunks, not a pass over the sequence."""
+    Returns [B, P, H, K, V] in fp32 (fp64 for fp64 states), differentiable in all three; a gather of P chunks."""
     B, P = positions.shape
     C, T = chunk_size, k.shape[1]
     acc = torch.promote_types(chunk_states.dtype, torch.float32)
@@ -90,9 +89,8 @@ def states_after(positions, chunk_states, k, v_new, chunk_size):
 
 
 def deliver_snapshots(snapshot_at, take, B, T):
-    """What a delta rule returns as its snapshots: None (snapshot_at None), the function `take` itself
-    ("defer": REFINE chooses the positions after the pass) or take(snapshot_at) for positions [B, P]. `take` is
-    wrapped so that positions are checked ([B, P] integers in [0, T)) either way."""
+    """A delta rule's snapshots: None (snapshot_at None), take(snapshot_at) for positions [B, P], or ("defer": REFINE
+    chooses the positions after the pass) the function `take`; either way the positions are checked first."""
     def checked(positions):  # [B, P] -> [B, P, H, K, V]
         if positions.dim() != 2 or positions.shape[0] != B or positions.is_floating_point():
             raise ValueError(f"snapshot positions must be an integer tensor [B={B}, P]; got {tuple(positions.shape)} "

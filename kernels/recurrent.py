@@ -1,10 +1,9 @@
 """The delta rule as an explicit loop over time: the slow, obviously-correct reference.
 
-Every other backend (the chunked torch form in chunked.py, the Triton kernel) is tested against this file, their
-snapshots (the state after chosen positions) included: here the state after token t is simply S_t of the loop.
+Every other backend (chunked.py, the Triton kernel) is tested against this file, snapshots (the state after chosen
+positions) included: here the state after token t is simply S_t of the loop.
 fla convention: the state S has shape [K, V] per head, so reading is S^T q and writing is S + k v'^T.
-Precision: the state and every product run in fp32 (fp64 for fp64 inputs), also under autocast; the output is cast
-back to v's dtype.
+Precision: the state and every product in fp32 (fp64 for fp64 inputs), also under autocast; the output in v's dtype.
 """
 import torch
 
@@ -17,8 +16,7 @@ def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_f
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None), and with snapshot_at a third item
     as chunked_delta_rule's: the states after the positions [B, P, H, K, V] fp32, or ("defer") a function
     positions -> those states. Snapshots keep every S_t alive: T states, fine for a reference."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    (B, T, H, K), V = q.shape, v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dtype, acc = v.dtype, torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsums in bf16

@@ -8,9 +8,8 @@ Per batch b, head h and chunk n of C rows (Q, K [C, DK], V [C, DV], beta [C]), a
   step 5  O_n  = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)         chunk_output_kernel
 Steps 1-3 run in one kernel (wy_representation_kernel, one program per chunk). The hand-written backward walks the
 same steps in reverse (triton_delta_bwd.py); the forward saves T, W, the chunk states S_n and V' for it.
-Snapshots: the chunk states S_n and the rows of V' are also outputs of the autograd.Function, so the state after any
-token, S_n + K_{n,<=r}^T V'_{n,<=r}, is a torch gather from them (chunked.states_after, shared with the torch path);
-the backward takes gradients into every S_n and every row of V', not only into the output and the final state.
+Snapshots: S_n and the rows of V' are also outputs of the autograd.Function, so the state after any token is a torch
+gather from them (chunked.states_after), and the backward takes gradients into every S_n and every row of V'.
 
 Precision: every tl.dot accumulates in fp32 and the running state S is fp32. Dot operands and the stored
 intermediates (T, W, U, V', S_n) are in the input dtype, as in fla: bf16/fp16 use tensor cores, fp32 runs as TF32
@@ -35,8 +34,7 @@ MAX_HEAD_DIM = 128
 # t * (H * D). One program handles one chunk of BT rows starting at t0.
 @triton.jit
 def chunk_scaled_dot_kkt(k, beta, t0, seq_len, H, DK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """Step 1: A = tril(diag(beta) K K^T, -1), [BT, BT] fp32. K [BT, DK] is read in [BT, BK] column blocks;
-    beta [BT] fp32."""
+    """Step 1: A = tril(diag(beta) K K^T, -1) [BT, BT] fp32; K [BT, DK] read in [BT, BK] blocks, beta [BT] fp32."""
     KKt = tl.zeros([BT, BT], dtype=tl.float32)
     for c0 in range(0, DK, BK):
         k_b = load_tile(k, t0, seq_len, H * DK, c0, DK, BT, BK)                  # [BT, BK]
@@ -90,8 +88,7 @@ def chunk_state_pass_kernel(k, w, u, v_new, h, h0, ht, seq_len, H, NT, DK: tl.co
                             BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
                             HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     """Step 4 for value columns [v0, v0 + BV) (v0 = program_id(0) * BV) of (b, h) = program_id(1), sequential over
-    the chunks with the state S [BKF, BV] (all DK rows, padded to BKF) in fp32:
-        h[b, n, h] = S_n;   V'_n = U_n - W_n S_n;   S_{n+1} = S_n + K_n^T V'_n.
+    the chunks with the state S [BKF, BV] (all DK rows, padded to BKF) in fp32; h[b, n, h] = S_n.
     h0, ht: [B, H, DK, DV] fp32 (initial / final state), h: [B, NT, H, DK, DV], v_new (V'): [B, T, H, DV]."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -119,8 +116,7 @@ def chunk_state_pass_kernel(k, w, u, v_new, h, h0, ht, seq_len, H, NT, DK: tl.co
 @triton.jit
 def chunk_output_kernel(q, k, v_new, h, o, scale, seq_len, H, NT, DK: tl.constexpr, DV: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Step 5 for value columns [v0, v0 + BV) of chunk n = program_id(1), (b, h) = program_id(2):
-        O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n)   [BT, BV], the mask keeps the diagonal.
+    """Step 5, O_n [BT, BV], for value columns [v0, v0 + BV) of chunk n = program_id(1), (b, h) = program_id(2).
     The DK sum runs over [BT, BK] blocks of Q_n, K_n and [BK, BV] blocks of S_n."""
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -148,8 +144,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT, state
     state_dtype: dtype of the stored chunk states S_n (default: the input dtype; fp32 for snapshots).
     Returns o [B, T, H, DV], final state [B, H, DK, DV] fp32 or None, and (T, W, S_n, V') for the backward:
     T [B, T, H, BT], W [B, T, H, DK], S_n [B, NT, H, DK, DV], V' [B, T, H, DV]."""
-    B, T, H, DK = q.shape
-    DV = v.shape[-1]
+    (B, T, H, DK), DV = q.shape, v.shape[-1]
     NT = triton.cdiv(T, BT)
     c, opts = launch_config(DK, DV, q.dtype)                                     # block sizes, num_warps/stages
     T_mat = k.new_empty(B, T, H, BT)                                             # [B, T, H, BT]: row t holds T_{t, :}
@@ -157,23 +152,20 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, output_final_state, BT, state
     wy_representation_kernel[(NT, B * H)](k, v, beta, T_mat, w, u, T, H, DK, DV, BT, c.BK, c.BV, **opts)
 
     h = k.new_empty(B, NT, H, DK, DV, dtype=state_dtype or k.dtype)              # S_n, the state entering chunk n
-    v_new = torch.empty_like(v)                                                  # V'
+    v_new, o = torch.empty_like(v), torch.empty_like(v)                          # V', O [B, T, H, DV]
     ht = q.new_empty(B, H, DK, DV, dtype=torch.float32) if output_final_state else None
     chunk_state_pass_kernel[(triton.cdiv(DV, c.BVS), B * H)](
         k, w, u, v_new, h, h0, ht, T, H, NT, DK, DV, BT, c.BKF, c.BVS,
         HAS_H0=h0 is not None, STORE_HT=output_final_state, **opts)
 
-    o = torch.empty_like(v)
     grid = (triton.cdiv(DV, c.BV), NT, B * H)
     chunk_output_kernel[grid](q, k, v_new, h, o, scale, T, H, NT, DK, DV, BT, c.BK, c.BV, **opts)
     return o, ht, (T_mat, w, h, v_new)
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
-    """Forward: chunk_delta_rule_fwd -> (o, final state, S_n [B, NT, H, DK, DV], V' [B, T, H, DV]). Backward:
-    triton_delta_bwd.chunk_delta_rule_bwd (hand-written, uses the saved T, W, S_n and V'). Gradients for q, k, v,
-    beta and the initial state; gradients into the final state, into any chunk state S_n and into any row of V' are
-    used (S_n and V' are differentiable outputs only with keep_states, which also stores S_n in fp32)."""
+    """chunk_delta_rule_fwd -> (o, final state, S_n [B, NT, H, DK, DV], V' [B, T, H, DV]), backward: the hand-written
+    chunk_delta_rule_bwd. S_n and V' are differentiable outputs only with keep_states (which stores S_n in fp32)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, scale, h0, output_final_state, chunk_size, keep_states):
@@ -212,33 +204,28 @@ def triton_can_run(tensor):
 
 def triton_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
                       snapshot_at=None):
-    """Chunked delta rule, fla's chunk_delta_rule layout. q, k: [B, T, H, K] (already L2-normalised),
-    v: [B, T, H, V], beta: [B, T, H], initial_state: [B, H, K, V] (any float dtype, used as fp32) or None.
-    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None). Differentiable in q, k, v, beta
-    and initial_state. K, V <= 128; chunk_size in (16, 32, 64).
-    snapshot_at: None, LongTensor [B, P] of positions, or "defer"; when given, a third item as in
-    chunked_delta_rule: the states after those positions [B, P, H, K, V] fp32 (or a function positions -> them),
-    gathered from this pass's chunk states and V' rows (chunked.states_after) and differentiable like the rest."""
+    """kernels.delta_rule on the Triton kernels (the sizes they support: module docstring). q, k: [B, T, H, K]
+    (L2-normalised), v: [B, T, H, V], beta: [B, T, H], initial_state: [B, H, K, V] (any float dtype) or None."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton is not installed; use the torch chunked or recurrent delta rule instead")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, T, H, DK = q.shape
-    DV = v.shape[-1]
-    if beta.shape != (B, T, H):
-        raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}; got {tuple(beta.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, DK, DV):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, DK, DV)}; got {tuple(initial_state.shape)}")
-    if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}; got {chunk_size}")
-    if T < 1 or DK > MAX_HEAD_DIM or DV > MAX_HEAD_DIM:
-        raise ValueError(f"need T >= 1 and head dims K, V <= {MAX_HEAD_DIM}; got T={T}, K={DK}, V={DV}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must share one dtype of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if not triton_can_run(q):
-        raise ValueError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton >= 3.9)")
+    (B, T, H, DK), DV = q.shape, v.shape[-1]
+    h0_shape = None if initial_state is None else tuple(initial_state.shape)
+    for ok, message in [
+            (beta.shape == (B, T, H), f"beta must be [B, T, H] = {(B, T, H)}; got {tuple(beta.shape)}"),
+            (h0_shape in (None, (B, H, DK, DV)),
+             f"initial_state must be [B, H, K, V] = {(B, H, DK, DV)}; got {h0_shape}"),
+            (chunk_size in CHUNK_SIZES, f"chunk_size must be one of {CHUNK_SIZES}; got {chunk_size}"),
+            (T >= 1 and max(DK, DV) <= MAX_HEAD_DIM,
+             f"need T >= 1 and head dims K, V <= {MAX_HEAD_DIM}; got T={T}, K={DK}, V={DV}"),
+            (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16, torch.float16),
+             f"q, k, v must share one dtype of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}"),
+            (triton_can_run(q), "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton "
+                                ">= 3.9)")]:
+        if not ok:
+            raise ValueError(message)
     scale = DK ** -0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # [B, H, K, V] fp32
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()

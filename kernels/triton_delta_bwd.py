@@ -49,10 +49,8 @@ def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale,
                                 DV: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
                                 HAS_DHT: tl.constexpr, HAS_DH_STATES: tl.constexpr, STORE_DH0: tl.constexpr):
     """Reverse of step 4 for value columns [v0, v0 + BV) of (b, h) = program_id(1), sequential over n = NT-1 .. 0
-    with dS [BKF, BV] in fp32:
-        dh[b, n, h] = dS_{n+1};   dV'_n += K_n dS_{n+1};   dS_n = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n + G_n,
-    G_n = dh_states[b, n, h] (fp32 [B, NT, H, DK, DV], the gradient into the chunk state S_n) if HAS_DH_STATES.
-    dv holds the intra-chunk part on entry and the full dV' on exit. dht, dh0: [B, H, DK, DV] fp32."""
+    with dS [BKF, BV] in fp32; dh[b, n, h] = dS_{n+1}; G_n = dh_states[b, n, h] (fp32 [B, NT, H, DK, DV]) if
+    HAS_DH_STATES. dv holds the intra-chunk part on entry and the full dV' on exit. dht, dh0: [B, H, DK, DV] fp32."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     row0 = i_b.to(tl.int64) * seq_len * H + i_h
@@ -85,9 +83,8 @@ def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale,
 @triton.jit
 def chunk_output_bwd_dqk_kernel(q, k, v_new, do, dv, h, dh, dq, dk, dw, scale, seq_len, H, NT, DK: tl.constexpr,
                                 DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Key columns [c0, c0 + BK) (c0 = program_id(0) * BK) of chunk n = program_id(1), (b, h) = program_id(2):
-        dP = scale tril(dO_n V'_n^T);  dQ_n = scale dO_n S_n^T + dP K_n;  dK_n = dP^T Q_n + V'_n dS_{n+1}^T;
-        dW_n = -dV'_n S_n^T   (each [BT, BK]; the DV sums run over [BT, BV] / [BK, BV] blocks).
+    """dQ_n, dK_n, dW_n (module docstring; each [BT, BK]) for key columns [c0, c0 + BK), c0 = program_id(0) * BK,
+    of chunk n = program_id(1), (b, h) = program_id(2); the DV sums run over [BT, BV] / [BK, BV] blocks.
     dq is final; dk [B, T, H, DK] fp32 gets the part from steps 4-5 (wy_representation_bwd adds the rest)."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -171,8 +168,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, 
     [B, H, DK, DV] fp32 or None; T_mat, w, h, v_new as saved by chunk_delta_rule_fwd; dh_states [B, NT, H, DK, DV]
     fp32 or None and dv_rows [B, T, H, DV] or None: gradients into the chunk states S_n and the rows of V'.
     Returns dq, dk, dv, dbeta (dtypes of the inputs) and dh0 [B, H, DK, DV] fp32 (None unless need_dh0)."""
-    B, T, H, DK = q.shape
-    DV = v.shape[-1]
+    (B, T, H, DK), DV = q.shape, v.shape[-1]
     NT = triton.cdiv(T, BT)
     c, opts = launch_config(DK, DV, q.dtype)                                     # block sizes, num_warps/stages
     dv_new = torch.empty_like(v)                                                 # dV' (intra part, then full)

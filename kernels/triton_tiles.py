@@ -42,10 +42,9 @@ def load_rows(ptr, r0, n_rows, stride, BR: tl.constexpr):
 
 
 def launch_config(DK, DV, dtype):
-    """Block sizes and launch options of every kernel: BKF, BVF (head dims padded to powers of two >= 16), BK, BV
-    (column blocks), BVS (value block of the serial state passes: more programs), and num_warps / num_stages. fp32
-    tiles are twice as large, so they get no extra pipeline stage (two stages of fp32 [64, 128] tiles overflow the
-    shared memory of an H100)."""
+    """Block sizes of every kernel: BKF, BVF (head dims padded to powers of two >= 16), BK, BV (column blocks), BVS
+    (value block of the serial state passes: more programs); and num_warps / num_stages: fp32 gets no extra pipeline
+    stage (two stages of fp32 [64, 128] tiles overflow the shared memory of an H100)."""
     BKF, BVF = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
     blocks = types.SimpleNamespace(BKF=BKF, BVF=BVF, BK=min(64, BKF), BV=min(64, BVF), BVS=min(32, BVF))
     return blocks, dict(num_warps=4, num_stages=1 if dtype == torch.float32 else 2)
