@@ -237,7 +237,6 @@ def load_tokenizer(path):
 
 
 # ------------------------------------------------------------------------------------------ training checkpoints
-
 def save_training(path, model, opt, meta, write=True):
     """Gather the full model and AdamW state as CPU tensors keyed by parameter name (every process calls this: under
     FSDP2 it gathers the shards, and only rank 0 receives them) and, where `write` (rank 0), save it with `meta`

@@ -127,7 +127,6 @@ CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), dtype=("float32", "bfloat1
 
 
 # ------------------------------------------------------------------------------------------ command line
-
 def parse_args(argv):
     """--preset NAME [--key=value ...] -> TrainConfig. Values are converted to the field's type."""
     types = {f.name: f.type for f in fields(TrainConfig)}

@@ -21,7 +21,6 @@ import torch
 PAT_STR = r" ?\S+|\s+(?!\S)|\s+"   # a word with its leading space, or a run of whitespace
 
 # ----------------------------------------------------------------------------------------------- tokenizers
-
 class TiktokenTokenizer:
     """A tiktoken Encoding behind the project's tokenizer interface. Special-token text in `encode` is plain text.
     words: build a local encoding (no file, no network) of the 256 bytes (so any text encodes), then each word " w"
@@ -42,16 +41,6 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
-
-
-def ByteTokenizer():
-    """One token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258."""
-    return TiktokenTokenizer(None, "byte", words=())
-
-
-def WordTokenizer():
-    """The bytes, then every grammar word as one token, then bos/eos/pad: 504 tokens."""
-    return TiktokenTokenizer(None, "word", words=GRAMMAR_WORDS)
 
 
 class HFTokenizer:
@@ -79,9 +68,11 @@ TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
 
 
 def get_tokenizer(name):
-    """"byte" | "word" | a tiktoken encoding (bos = eos = pad = its <|endoftext|>). ValueError if it cannot load."""
+    """"byte": one token per UTF-8 byte (ids 0-255) + bos 256, eos 257, pad 258; "word": the bytes, then every grammar
+    word as one token, then bos/eos/pad (504 tokens); or a tiktoken encoding (bos = eos = pad = its <|endoftext|>).
+    ValueError if it cannot load."""
     if name in ("byte", "word"):
-        return ByteTokenizer() if name == "byte" else WordTokenizer()
+        return TiktokenTokenizer(None, name, words=() if name == "byte" else GRAMMAR_WORDS)
     if name in TIKTOKEN_NAMES:
         try:
             enc = tiktoken.get_encoding(name)
@@ -92,7 +83,6 @@ def get_tokenizer(name):
     raise ValueError(f"unknown tokenizer '{name}'; valid: byte, word, {', '.join(TIKTOKEN_NAMES)}")
 
 # ----------------------------------------------------------------------------------------- synthetic grammar
-
 FUNCTION_WORDS = tuple("The the a code codes for is are all and What ? . was near".split())
 ADJECTIVES = tuple("tall new big small red blue green quiet loud warm cold bright dark slow".split())
 NOUNS = tuple("dog cat bird tree house road boat lamp chair table garden cloud stone field window river".split())
@@ -296,7 +286,6 @@ class SyntheticData:
         self.rows = int(state["rows"])
 
 # ------------------------------------------------------------------------------------------------------ files
-
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 

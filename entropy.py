@@ -143,7 +143,7 @@ def select_positions(entropy: torch.Tensor, n_chunks: int, k: int, mode: str = "
             raise ValueError(f"n_chunks={n_chunks} is larger than the {L} real tokens of row {b}")
         if mode in ("entropy", "answer"):                                       # "answer" without candidates too
             chunks = H_s[b, : n_chunks * size].view(n_chunks, size)            # [C, size] remainder dropped
-            probs = torch.softmax(chunks / temperature, dim=-1)                 # sec. 3 step 1: p_i(t) = softmax(H_t / tau)
+            probs = torch.softmax(chunks / temperature, dim=-1)                 # sec. 3 step 1: softmax(H_t / tau)
             j = torch.multinomial(probs, 1, generator=generator).squeeze(-1)    # [C] index inside each chunk
         elif mode == "uniform":
             probs = torch.ones(n_chunks, size, device=H.device)                 # [C, size] equal weights

@@ -19,7 +19,6 @@ import metrics
 import rollout
 
 # ----------------------------------------------------------------------------------------------- generation
-
 def pad_batch(rows, pad_id, device):
     """Right-pad token lists -> (ids [B, L], lengths [B])."""
     L = max(len(r) for r in rows)
@@ -45,7 +44,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, gener
         last = (lengths - 1)[:, None]                                              # [B, 1] each row's last token
         out = model(ids, snapshot_at=last)                                         # one prefill for the batch
         state = out.snapshots                                                      # row b: state after last[b]
-        logits = rollout.prefix_logits(out.logits, last)                           # [B, V]
+        logits = out.snapshot_logits                                               # [B, V] at each last token
         for i in range(max_new_tokens):
             tok = (logits.argmax(-1) if temperature == 0                           # [B] greedy or sampled
                    else rollout.sample_token(logits, temperature, generator=generator)[0])
@@ -95,7 +94,6 @@ def encode_prompt(tokenizer, text, max_prompt_tokens=None):
     return [tokenizer.bos_id] + ids
 
 # ----------------------------------------------------------------------------------------------- NIAH
-
 def niah_examples(tokenizer, variant, length, n_examples=100, seed=0, n_needles=4, value_tokens=1):
     """The evaluation examples of one variant@length: make_niah_example(eval_rng(seed, i)), i < n_examples."""
     return [data.make_niah_example(data.eval_rng(seed, i), variant, length, tokenizer, n_needles=n_needles,
@@ -132,7 +130,6 @@ def format_table(results):
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------- RULER QA, LongBench
-
 def eval_ruler_qa(model, tokenizer, path, max_new_tokens=32, limit=None, batch_size=4, max_prompt_tokens=None,
                   mode="refine"):
     """RULER multi-document QA (string_match_part) on a prompt/answer file -> dict(score, n, predictions)."""
@@ -175,7 +172,6 @@ def eval_longbench(model, tokenizer, paths, limit=None, mode="longbench", batch_
     return results
 
 # ----------------------------------------------------------------------------------------------- validation
-
 @torch.no_grad()
 def eval_validation(model, batches):
     """Next-token loss and greedy (argmax) accuracy, token-weighted over batches [B, T+1] -> dict(loss, acc)."""
@@ -196,7 +192,6 @@ def eval_validation(model, batches):
     return dict(loss=loss_sum / count, acc=hits / count)
 
 # ----------------------------------------------------------------------------------------------- test-time training
-
 def ttt_adapt(model, optimizer, prompt_ids, cfg, steps, generator=None):
     """Adapt on one prompt (list of ids) with `steps` REFINE steps (step.train_step on a batch of one: x =
     prompt[:-1], y = prompt[1:], L = lambda_RL * L_NSP + lambda_SFT * L_NTP). -> the last step's stats."""
@@ -241,7 +236,6 @@ def ttt_evaluate(model, optimizer, examples, cfg, steps, tokenizer, max_new_toke
                 n=n, per_example=per_example)
 
 # ----------------------------------------------------------------------------------------------- command line
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse prints the usage too)
         print(f"evaluate.py: error: {message}", file=sys.stderr)

@@ -18,7 +18,6 @@ AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 
 
 # ------------------------------------------------------------------------------------------ advantages
-
 def _constant_groups(rewards: torch.Tensor) -> torch.Tensor:
     """[G, n] -> [G, 1] True where every reward of the group is identical (no learning signal)."""
     return (rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True))
@@ -53,13 +52,10 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: str = "gro
 
 def zero_std_fraction(rewards: torch.Tensor) -> float:
     """Fraction of groups whose rewards are all identical (their advantages are 0). rewards: [G, n]."""
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [G, n], got shape {tuple(rewards.shape)}")
     return _constant_groups(rewards).float().mean().item()
 
 
 # ------------------------------------------------------------------------------------------ loss aggregation
-
 def default_normaliser(mask: torch.Tensor, agg: str) -> float:
     """The divisor `aggregate` uses for mask [N, k] (True/1 = valid token) when no whole-batch normaliser is passed:
     the valid tokens, the sequences with a valid token (seq-mean-token-mean/-sum) or N * k (-sum-norm).
@@ -95,7 +91,6 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", n
 
 
 # ------------------------------------------------------------------------------------------ policy loss
-
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0, agg: str = "token-mean",
                 ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, n_total=None):
@@ -166,7 +161,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 # ---- the REFINE objective (paper section 3, step 4): L = lambda_RL * L_NSP + lambda_SFT * L_NTP ----
-
 def rollout_advantages(rewards, n_chunks, n_rollouts, group_by="sequence", scale="group", eps=1e-6):
     """rewards [B*c*n] with rows (b, p, i) -> advantages [B*c*n]. group_by "sequence": a group is the c*n rollouts
     of one sequence (the official n = 1 behaviour: positions compete); "position": the n rollouts of one prefix."""

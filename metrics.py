@@ -61,7 +61,6 @@ def _checked(prediction, answers):
     return prediction, answers
 
 # ----------------------------------------------------------------------------------------------- RULER QA
-
 def ruler_qa_score(prediction: str, answers: list, *, mode: str = "refine") -> float:
     """RULER string_match_part for one example: 1.0 if any reference answer is a case-insensitive substring of the
     cleaned prediction, else 0.0.
@@ -79,7 +78,6 @@ def ruler_qa_score(prediction: str, answers: list, *, mode: str = "refine") -> f
     return float(any(a.lower() in prediction for a in answers))
 
 # ----------------------------------------------------------------------------------------------- LongBench helpers
-
 def normalize_answer(s: str) -> str:
     """SQuAD-style normalisation: lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace."""
     s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
@@ -159,7 +157,6 @@ def code_sim_score(prediction: str, ground_truth: str) -> float:
     return _fuzz_ratio(_first_code_line(prediction, ""), ground_truth) / 100
 
 # ----------------------------------------------------------------------------------------------- LongBench task score
-
 def longbench_score(task: str, prediction: str, answers: list, all_classes=None, *, mode: str = "longbench") -> float:
     """Score one LongBench prediction: the task's metric, max over the reference answers (LongBench eval.py).
 

@@ -208,8 +208,7 @@ class FastWeightLM(nn.Module):
 
     def step(self, input_ids, state):
         """Continue from `state` (init_state, a snapshot, or a previous step) over new tokens input_ids [B, T]
-        (T = 1 when decoding). Functional: the input state is not modified. -> LMOutput with .state.
-        The same as model(input_ids, state=state)."""
+        (T = 1 when decoding), never in place -> LMOutput with .state. The same as model(input_ids, state=state)."""
         return self(input_ids, state=state)
 
     def _decode(self, input_ids, state):

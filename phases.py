@@ -87,8 +87,7 @@ def test_time_train(cfg, model, opt, tok, device):
 def run_phase(cfg, model, opt, tok, device):
     """train.py's entry for --phase post / ttt: runs it, saves results (and the post-trained model)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    results = post_train(cfg, model, opt, tok, device) if cfg.phase == "post" else \
-        test_time_train(cfg, model, opt, tok, device)
+    results = (post_train if cfg.phase == "post" else test_time_train)(cfg, model, opt, tok, device)
     with open(os.path.join(cfg.out_dir, f"{cfg.phase}.json"), "w") as f:
         json.dump(results, f, indent=1)
     if cfg.phase == "post":

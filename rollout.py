@@ -57,11 +57,6 @@ def ground_truth(input_ids, hidden, positions, k):
     return gt, h.reshape(gt.shape[0], k, -1).detach()
 
 
-def prefix_logits(logits, positions):
-    """logits [B, T, V], positions [B, c] -> [G, V]: the full pass's prediction of each rollout's first token."""
-    return torch.gather(logits, 1, positions[:, :, None].expand(-1, -1, logits.shape[-1])).flatten(0, 1)
-
-
 @torch.no_grad()
 def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
                           generator=None):
@@ -105,7 +100,6 @@ def encode_rollouts(model, input_ids, ro):
 
 
 # ---- reforward mode: the official algorithm, every truncated prefix runs from scratch ----
-
 def reforward_rows(input_ids, positions, tokens, n):
     """Rows prefix x[b, :t+1] + rollout tokens, right-padded (causal: padding never reaches real positions).
     -> (ids [N, L], the index of each row's last prefix token [N])."""

@@ -36,7 +36,6 @@ def lr_at(step, cfg):
 
 
 # ------------------------------------------------------------------------------------------ one step
-
 @contextmanager
 def gradient_sync(model, sync):
     """Data parallel: gradients are reduced across processes only in the backward of a mini-batch's last
@@ -50,19 +49,17 @@ def gradient_sync(model, sync):
 def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=None, target_mask=None, answers=None,
                generator=None, encoder=None):
     """One batch [B_rank, T+1] of this process: REFINE or NTP, micro-batched, one AdamW step per PPO mini-batch and
-    epoch. model: the FastWeightLM, or with several processes its DistributedDataParallel / FSDP2 wrapper, which
-    reduces the gradients during the backward (every call, decoding included, goes through it). Losses are
-    normalised by whole-batch counts, so the update does not depend on how the batch is split into processes or
-    micro-batches. lengths [B]: real tokens of right-padded rows; target_mask [B, T]: which next-token targets count
-    (default: those of real tokens); answers [B, T]: the targets the data source marks as answers (synthetic data),
-    weighted answer_weight in the NTP loss and the positions before which select_mode "answer" may start a rollout.
-    generator: selection and sampling randomness (default: seeded by seed, step and global micro-batch: the same
-    for any number of processes and on resume). encoder: a frozen model whose hidden states the reward compares
-    (--reward_encoder=frozen; default: the policy's own, from the rollouts). With one mini-batch and one epoch (the
-    toy presets) the rollout forward IS the training forward: one pass gives the NTP loss, the entropies, h_gt and
-    the differentiable snapshots. Otherwise (the paper's presets: batch 128, mini-batches of 32) the whole batch is
-    sampled first without grad, as in PPO, and each mini-batch update re-forwards its sequences once, taking the
-    snapshots at the already chosen positions. -> stats dict, or None if a loss was not finite."""
+    epoch. model: the FastWeightLM or its DDP / FSDP2 wrapper (every call, decoding included, goes through it).
+    Losses are normalised by whole-batch counts: the update does not depend on how the batch is split into
+    processes or micro-batches. lengths [B]: real tokens of right-padded rows; target_mask [B, T]: the next-token
+    targets that count (default: those of real tokens); answers [B, T]: the targets the data source marks as
+    answers, weighted answer_weight in the NTP loss, and where select_mode "answer" may start rollouts.
+    generator: selection and sampling randomness (default: seeded by seed, step and global micro-batch, so the same
+    for any number of processes and on resume). encoder: a frozen model for the reward's hidden states
+    (--reward_encoder=frozen; default: the policy's own). One mini-batch and one epoch (the toy presets): the
+    rollout forward IS the training forward. Otherwise (the paper's presets: batch 128, mini-batches of 32) the
+    whole batch is sampled first without grad, as in PPO, and each mini-batch re-forwards its sequences once with
+    snapshots at the chosen positions. -> stats dict, or None if a loss was not finite."""
     device, B = batch.device, batch.shape[0]
     micro = min(cfg.micro_batch_size or B * world, B)
     mini = min(cfg.ppo_mini_batch or B * world, B * world) // world

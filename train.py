@@ -38,7 +38,6 @@ from step import lr_at, make_optimizer, train_step
 
 
 # ------------------------------------------------------------------------------------------ setup
-
 def setup_distributed(cfg):
     """-> (rank, world size, device). torchrun sets RANK / WORLD_SIZE; otherwise one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -113,7 +112,6 @@ def versions():
 
 
 # ------------------------------------------------------------------------------------------ the run
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:

@@ -1,6 +1,6 @@
 """The chunked (WY / UT transform) delta rule in plain torch; autograd gives the backward.
 
-Per chunk of C tokens (fla convention, S in R^{K x V}; Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule"):
+Per chunk of C tokens (fla convention, S in R^{K x V}; Yang et al. 2024, arXiv 2406.06484, the WY form):
   1. A = tril(diag(beta) K K^T, -1)            strictly lower triangular          [C, C]
   2. T = (I + A)^{-1}                          unit lower triangular (forward substitution)
   3. W = T diag(beta) K,  U = T diag(beta) V                                       [C, K], [C, V]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WORD, BYTE = data.WordTokenizer(), data.ByteTokenizer()
+WORD, BYTE = data.get_tokenizer("word"), data.get_tokenizer("byte")
 NEEDLE = re.compile(r" The code for (\w+) is ([\d ]+?) \.")
 
 

@@ -7,7 +7,7 @@ import torch
 import data
 from study import diagnose
 
-WORD = data.WordTokenizer()
+WORD = data.get_tokenizer("word")
 
 
 def test_token_categories_of_a_hand_made_document():

@@ -18,7 +18,7 @@ from model import FastWeightLM, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOK = data.WordTokenizer()   # vocab_size 504 -> models use 512
+TOK = data.get_tokenizer("word")   # vocab_size 504 -> models use 512
 TINY = {
     "deltanet": dict(arch="deltanet", vocab_size=512, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8),
     # LaCT: window 6 and chunk 5 so the prompts cross chunk boundaries and go beyond the window
@@ -96,14 +96,14 @@ def test_generate_all_keeps_order_and_per_prompt_limits():
 
 
 def test_encode_prompt_cuts_the_middle():
-    tok = data.ByteTokenizer()
+    tok = data.get_tokenizer("byte")
     assert evaluate.encode_prompt(tok, "abcdefghij") == [256] + list(b"abcdefghij")
     assert evaluate.encode_prompt(tok, "abcdefghij", 7) == [256] + list(b"abchij")   # BOS + 3 head + 3 tail
     assert evaluate.encode_prompt(tok, "abcdefghij", 6) == [256] + list(b"abhij")    # odd split: tail gets more
 
 
 def test_decode_drops_ids_beyond_the_tokenizer():
-    assert evaluate.decode(data.ByteTokenizer(), [104, 300, 105, 258, 511]) == "hi<|pad|>"   # 258 < 259: special
+    assert evaluate.decode(data.get_tokenizer("byte"), [104, 300, 105, 258, 511]) == "hi<|pad|>"   # 258 < 259: special
 
 # ----------------------------------------------------------------------------------------------- NIAH, validation
 
@@ -259,7 +259,7 @@ def test_cli_niah_end_to_end(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="the shared evaluation data (RULER / LongBench parquet) is absent")
 def test_ruler_and_longbench_on_real_rows():
-    tok = data.ByteTokenizer()
+    tok = data.get_tokenizer("byte")
     model = tiny(dtype=torch.float32, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     ruler = evaluate.eval_ruler_qa(model, tok, DATA / "ruler" / "ruler_squadqa_lact_4096_200_test.parquet",
                                    max_new_tokens=8, limit=2, max_prompt_tokens=256)

@@ -236,7 +236,7 @@ def test_the_batchs_answer_mask_drives_answer_weight_and_answer_selection(monkey
     loss, select_mode "answer" starts rollouts only right before them; a batch without a mask (files) weighs
     nothing, and "answer" selection without one is an error."""
     import data
-    batch, answers = data.SyntheticData(data.WordTokenizer(), 64, 0, (1, 2), 2, ("S",)).get_batch(2, with_mask=True)
+    batch, answers = data.SyntheticData(data.get_tokenizer("word"), 64, 0, (1, 2), 2, ("S",)).get_batch(2, with_mask=True)
     answers = answers[:, 1:]                                                     # [2, 64] of the targets
     cfg = config.TrainConfig(**{**config.PRESETS["toy"][1], "seq_len": 64, "batch_size": 2, "n_chunks": 2,
                                "rollout_len": 1, "margin": 2, "grad_clip": 1e9})   # k=1: no start clamped
