@@ -1,7 +1,7 @@
 """Train a fast-weight language model with REFINE (or plain next-token prediction), from a laptop CPU to a GPU node.
 
     python train.py --preset toy                                   # tiny DeltaNet on built-in data, CPU, minutes
-    python train.py --preset toy --max_steps=50 --lambda_rl=0.5    # 800 NTP warm-up steps, then 50 REFINE steps
+    python train.py --preset toy --max_steps=50 --lambda_rl=0.5    # 2000 NTP warm-up steps, then 50 REFINE steps
     python train.py --preset toy --warmup_steps=0 --max_steps=50   # 50 REFINE steps from scratch, no warm-up
     python train.py --list_presets
     python train.py --help                                         # every config field, its default and meaning
