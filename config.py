@@ -100,11 +100,9 @@ PAPER = dict(lr=1e-6, lr_schedule="constant", weight_decay=0.01, beta1=0.9, beta
 PHASES = {"mid": dict(phase="mid", reward="cosine", lambda_rl=0.2, batch_size=128, ppo_mini_batch=32),
           "post": dict(phase="post", reward="hybrid", lambda_rl=0.2, batch_size=64, ppo_mini_batch=16),
           "ttt": dict(phase="ttt", reward="binary", lambda_rl=0.4, batch_size=8, ppo_mini_batch=4)}
-# The toy recipe: 1-word values, documents of 2-4 needles in which MK-style ones ask one needle among distractors
-# (no answer by elimination), one 64-dim head: key-value binding (MK) is learned within the warm-up on every seed
-# tried (README: NIAH over seeds); 200 NIAH prompts per cell (one cell's standard error <= 3.5 points).
-# 2,000 warm-up steps at a constant lr of 2e-3: binding emerges abruptly after 500-1,200 steps depending on the seed
-# (earlier at 2e-3 than at 3e-3 or 4e-3); the old 800 steps with a cosine to lr / 10 missed it on some seeds.
+# The toy recipe: 1-word values, documents of 2-4 needles (MK-style ones ask one among distractors), one 64-dim head,
+# 2000 warm-up steps at a constant 2e-3: key-value binding appears abruptly after 500-1200 steps, on every seed tried
+# (README: NIAH over seeds); 200 NIAH prompts per cell (one cell's standard error <= 3.5 points).
 TOY = dict(model="toy-deltanet-1head", data="synthetic", tokenizer="word", device="auto", seq_len=256, batch_size=16,
            warmup_steps=2000, warmup_seq_len=64, warmup_batch_size=64, max_steps=200, lr=2e-3, lr_warmup=50,
            lr_schedule="constant", beta2=0.98, weight_decay=0.1, margin=8, eval_lengths="256,512", eval_examples=200,
