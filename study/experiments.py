@@ -22,7 +22,7 @@ LONG_DATA = [f"--value_tokens={LONG_VALUES[0]}", f"--value_tokens_max={LONG_VALU
              "--min_needles=1", "--n_needles=4"]
 REFINE_ONLY = ["--lambda_sft=0", "--lambda_rl=1.0"]
 SELECTION = {"refine-uniform": ["--select_mode=uniform"], "refine-answer": ["--select_mode=answer"]}
-MINI_BATCHES = ["--ppo_mini_batch=4"]                               # batch 16: 4 AdamW steps per batch
+MINI_BATCHES = ["--ppo_mini_batch=4", "--micro_batch_size=4"]      # batch 16: 4 AdamW steps per batch
 POST = ["--phase=post", "--reward=hybrid", "--lambda_rl=0.2", "--eval_examples=32"]   # the paper's post-training
 VARIANTS = ("S", "MK", "MQ", "MV")
 

@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from multiprocessing import get_context
 from pathlib import Path
@@ -309,21 +309,24 @@ def run_all(args):
     jobs.sort(key=job_order)
     t_pool = time.time()
     print(f"running {len(jobs)} jobs, {args.jobs} at a time: {', '.join(j[0] for j in jobs)}", flush=True)
+    outputs, signatures = {}, {name: signature for name, signature, _, _ in jobs}
+
+    def finished(name, output):   # a finished run keeps its result at once, for the next invocation
+        outputs[name] = output
+        if signatures[name] is not None:
+            output["signature"] = signatures[name]
+            (out_dir / f"{args.model}-{name}" / "result.json").write_text(json.dumps(output, indent=1))
+            results[name] = output
+        print(f"  done: {name} ({time.time() - t_pool:.0f}s)", flush=True)
     if args.jobs == 1:
-        outputs = {name: fn(*fargs) for name, _, fn, fargs in jobs}
+        for name, _, fn, fargs in jobs:
+            finished(name, fn(*fargs))
     else:
         os.environ["OMP_NUM_THREADS"] = "1"
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(fn, *fargs) for name, _, fn, fargs in jobs}
-            outputs = {}
-            for name, fut in futures.items():
-                outputs[name] = fut.result()
-                print(f"  done: {name} ({time.time() - t_pool:.0f}s)", flush=True)
-    for name, signature, _, _ in jobs:
-        if signature is not None:   # a finished run: keep its result for the next invocation
-            outputs[name]["signature"] = signature
-            (out_dir / f"{args.model}-{name}" / "result.json").write_text(json.dumps(outputs[name], indent=1))
-            results[name] = outputs[name]
+            futures = {pool.submit(fn, *fargs): name for name, _, fn, fargs in jobs}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
     t_runs = time.time() - t_pool
     torch.set_num_threads(args.jobs)
     s0 = seeds[0]

@@ -2,6 +2,7 @@
 (one process), the figures and the README summary included."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,19 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
     report.update_readme(readme, "| table |\n\n![NIAH](results/niah.png)\n")
     assert readme.read_text() == ("intro\n<!-- toy-results:start -->\n| table |\n\n![NIAH](results/niah.png)\n"
                                   "<!-- toy-results:end -->\noutro\n")
+
+
+def test_every_run_of_the_full_study_is_a_valid_train_command():
+    """At the default sizes (not --quick's): each run's train.py flags pass config validation. A PPO mini-batch of 4
+    at batch 16 needs micro-batches of 4, which the quick run's batch of 4 cannot show."""
+    import config
+    from study import experiments
+    args = reproduce.parse(["--ablations"])
+    runs = {f"{obj}-s{s}": (obj, s, (), "main") for obj in ("refine", "sft") for s in (0, 1, 2)}
+    runs.update({f"{name}-s0": ("refine", 0, tuple(extra), "main") for name, extra in reproduce.ABLATIONS.items()})
+    runs.update(experiments.extra_runs(args, [0, 1, 2]))
+    assert {"refine-mb4-s2", "sft-mb4-s2", "post-sft-s2", "refine-only-frozen-s0"} <= set(runs)
+    for name, (obj, seed, extra, toy) in runs.items():
+        data_args = reproduce.DATA if toy == "main" else experiments.LONG_DATA
+        cfg = config.parse_args(reproduce.mid_argv(args, Path("base"), Path("run"), obj, seed, extra, data_args))
+        assert cfg.objective == obj and cfg.seed == seed, name
