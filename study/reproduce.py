@@ -2,7 +2,7 @@
 next-token prediction only (SFT) and with REFINE, 3 seeds each; score RULER-style NIAH at three lengths and the
 validation loss; then test-time training with and without REFINE; then why REFINE lands where it does.
 
-    python -m study.reproduce --ablations    # everything: about 40 minutes on 2 CPU cores -> results/
+    python -m study.reproduce --ablations    # everything -> results/ (see the README for its time on 2 CPU cores)
     python -m study.reproduce                # without the ablations (selection modes, reward, k, c)
     python -m study.reproduce --quick        # a smoke run of every stage in about a minute (too small to conclude)
     python -m study.reproduce --out_dir=out/repro --jobs=2 --seeds=0,1,2 --mid_steps=300 --n_eval=200 --ablations
@@ -20,7 +20,8 @@ Every training run is train.py itself (train.main with its own --out_dir). Work 
      lambda_RL 0.4) vs the same number of NTP-only steps (lambda_RL 0) vs no adaptation (evaluate.ttt_evaluate).
   5. experiments.py: a REFINE-only run (no NTP term), a second toy with 3-6-word answers (its base continues the
      first one; SFT vs REFINE for every seed) and, with --ablations, selection entropy / uniform / answer for every
-     seed; diagnose.py: where REFINE's positions fall, rewards, advantages, NSP vs NTP gradient norms.
+     seed, post-training (nested REFINE vs SFT-only), 4 AdamW steps per batch for REFINE and SFT, and REFINE-only
+     with a frozen reward encoder; diagnose.py: where REFINE's positions fall, rewards, advantages, NSP vs NTP gradient norms.
   6. results.md (tables), results.json (every number), niah.png and curves.png in --results_dir; with the
      default --results_dir also the README's short summary. --report redoes step 6 alone from results.json.
 """
