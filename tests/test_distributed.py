@@ -80,7 +80,8 @@ def assert_same_step(a, b, ta, tb, before, cfg):
     # the weights after the step: torch's AdamW applied to each run's clipped gradient from the same state. The
     # updates differ by |u(g_a) - u(g_b)| (computed here in float64), plus each run's float32 rounding: of the
     # update, a few operations on m, g and v, each erring by U of its inputs (<= 8 U x the update's input size A,
-    # below), and of the weight (the decay and the subtraction: <= 2 U of it)
+    # below), and of the weight (<= 3 U of it: the decay factor 1 - lr wd is rounded to float32, then the product
+    # and the subtraction; an element with no gradient under ATEN avx2 measured 1.06 x the 2 U of the last two)
     wa, wb = ckpt(a)["model"], ckpt(b)["model"]
     assert wa.keys() == wb.keys() == sa["grads"].keys()
     for k in wa:
@@ -89,8 +90,8 @@ def assert_same_step(a, b, ta, tb, before, cfg):
         ub, size_b = adamw_update(sb["grads"][k] * sb["clip"], state, cfg)
         if before:  # from the checkpoint's weights and AdamW state: the resumed run took exactly that step
             w0 = before["model"][k].double() * (1 - cfg["lr"] * decay(k, cfg))
-            assert ((w0 - ua - wa[k].double()).abs() <= 8 * U * size_a + 2 * U * wa[k].abs()).all(), k
-        bound = (ua - ub).abs() + 8 * U * (size_a + size_b) + 2 * U * (wa[k].abs() + wb[k].abs())
+            assert ((w0 - ua - wa[k].double()).abs() <= 8 * U * size_a + 3 * U * wa[k].abs()).all(), k
+        bound = (ua - ub).abs() + 8 * U * (size_a + size_b) + 3 * U * (wa[k].abs() + wb[k].abs())
         gap = (wa[k].double() - wb[k].double()).abs()
         assert (gap <= bound).all(), f"{k}: weights differ by {gap.max():.3e}"
 
