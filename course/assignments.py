@@ -29,29 +29,42 @@ K, E, R, G, L = "tests/test_kernels.py::", "tests/test_entropy.py::", "tests/tes
     "tests/test_grpo.py::", "tests/test_lact.py::"
 C = "tests/test_course_grading.py::"
 SNAP = K + "test_snapshots_equal_prefix_final_states[{}]"
-MODEL = ("recurrent_delta_rule", "chunked_delta_rule", "swiglu_inner_grads", "fast_weight_update")  # what the tiny models run on
+GATED = K + "test_gated_chunked_matches_recurrent_fp64"
+MODEL = ("delta_rule_step", "recurrent_delta_rule", "chunked_delta_rule", "swiglu_inner_grads",
+         "fast_weight_update")  # what the tiny models run on
 
 ASSIGNMENTS = (
     Assignment(
         "recurrent_delta_rule", "kernels/recurrent.py",
-        "DeltaNet delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T",
-        "Loop over time: v'_t = beta_t (v_t - S_{t-1}^T k_t), S_t = S_{t-1} + k_t v'_t^T, o_t = S_t^T (scale q_t), "
-        "scale = K^-0.5 by default, S_0 = initial_state or 0, in fp32; snapshots: the state after the given "
-        "positions, handed out through chunked.deliver_snapshots.", 2,
-        (C + "test_recurrent_delta_rule_by_hand",
+        "DeltaNet / Gated DeltaNet as a loop over time (the reference every fast path is tested against)",
+        "Loop over time with delta_rule_step: scale = K^-0.5 by default on q, S_0 = initial_state or 0, the state "
+        "and products in fp32 (fp64 for fp64 inputs), token t's log-decay g[:, t] (or none), the output in v's "
+        "dtype; snapshots: the state after the given positions, handed out through chunked.deliver_snapshots.", 1,
+        (C + "test_recurrent_delta_rule_by_hand", GATED, K + "test_zero_gate_is_deltanet[recurrent]",
          *(SNAP.format(p) for p in ("direct-True-recurrent", "direct-False-recurrent", "deferred-True-recurrent",
-                                    "deferred-False-recurrent")))),
+                                    "deferred-False-recurrent"))),
+        needs=("delta_rule_step",)),
+    Assignment(
+        "delta_rule_step", "kernels/recurrent.py",
+        "Gated DeltaNet: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T (g = None: DeltaNet)",
+        "One token: the decay first, S <- exp(g_t) S (skipped when g_t is None); then the error read from the decayed "
+        "state, v'_t = beta_t (v_t - S^T k_t); the write S_t = S + k_t v'_t^T; the read after the write, "
+        "o_t = S_t^T q_t (q_t comes scaled).", 2,
+        (K + "test_step_is_the_matrix_form",)),
     Assignment(
         "chunked_delta_rule", "kernels/chunked.py",
         "DeltaNet chunkwise WY/UT form (Yang et al. 2024; steps 1-5 of the file's docstring)",
         "Per chunk of C tokens: A = tril(diag(beta) K K^T, -1), T = (I + A)^-1, W = T diag(beta) K, U = T diag(beta) "
         "V, V'_n = U_n - W_n S_n, O_n = scale (Q_n S_n + tril(Q_n K_n^T) V'_n), S_{n+1} = S_n + K_n^T V'_n; pad T to "
-        "a multiple of C; snapshots from the chunk states and V' with states_after.", 3,
+        "a multiple of C; snapshots from the chunk states and V' with states_after. With a gate g: the six places of "
+        "the module docstring (G = chunk_cumsum(g), Gam selected with torch.where before exp).", 4,
         (K + "test_chunked_matches_recurrent_fp32", K + "test_chunked_bf16_inputs",
          *(SNAP.format(p) for p in ("direct-True-torch", "direct-False-torch", "deferred-True-torch",
                                     "deferred-False-torch")),
-         K + "test_snapshots_run_in_fp32_under_autocast"),
-        functions=("_chunked",), needs=("recurrent_delta_rule",)),
+         K + "test_snapshots_run_in_fp32_under_autocast", GATED, K + "test_zero_gate_is_deltanet[torch]",
+         K + "test_gated_snapshots_equal_prefix_states[mild-torch]",
+         K + "test_gated_snapshots_equal_prefix_states[strong-torch]"),
+        functions=("_chunked",), needs=("delta_rule_step", "recurrent_delta_rule")),
     Assignment(
         "token_entropy", "entropy.py", "REFINE sec. 3 step 1: H_t = -sum_v p log p",
         "The next-token entropy in nats from raw logits [..., V] -> [...], in fp32; -inf logits contribute exactly 0 "

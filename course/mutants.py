@@ -18,18 +18,33 @@ from course.assignments import ASSIGNMENTS, BY_NAME
 from course.pick import wanted
 
 MUTANTS = {
+    "delta_rule_step": [
+        ("delta_rule_step", "beta missing: v' = v - S^T k", "v_new = beta_t[..., None] * (v_t - ", "v_new = (v_t - "),
+        ("delta_rule_step", "off by one: o_t read from the state before the write",
+         'return S, torch.einsum("bhkv,bhk->bhv", S, q_t)',
+         'return S, torch.einsum("bhkv,bhk->bhv", S - k_t[..., :, None] * v_new[..., None, :], q_t)'),
+        ("delta_rule_step", "linear attention write: S + k (beta v)^T instead of S + k v'^T",
+         "S = S + k_t[..., :, None] * v_new[..., None, :]",
+         "S = S + k_t[..., :, None] * (beta_t[..., None] * v_t)[..., None, :]"),
+        ("delta_rule_step", "the decay applied after the error (the error read from the undecayed state)",
+         "    if g_t is not None:\n        S = S * g_t.exp()[..., None, None]                                   # S <- "
+         "exp(g_t) S: the decay comes first\n    v_new = beta_t[..., None] * (v_t - torch.einsum(\"bhkv,bhk->bhv\", "
+         "S, k_t))",
+         "    v_new = beta_t[..., None] * (v_t - torch.einsum(\"bhkv,bhk->bhv\", S, k_t))\n    if g_t is not None:\n"
+         "        S = S * g_t.exp()[..., None, None]"),
+        ("delta_rule_step", "the decay applied to the new write as well: S_t = exp(g) S + exp(g) k v'^T",
+         "S = S + k_t[..., :, None] * v_new[..., None, :]",
+         "S = S + k_t[..., :, None] * v_new[..., None, :] * (1 if g_t is None else g_t.exp()[..., None, None])"),
+        ("delta_rule_step", "g used as a decay factor instead of a log-decay: S <- g S",
+         "S = S * g_t.exp()[..., None, None]", "S = S * g_t[..., None, None]"),
+    ],
     "recurrent_delta_rule": [
-        ("recurrent_delta_rule", "beta missing: v' = v - S^T k",
-         "v_new = b_t * (v_t - ", "v_new = (v_t - "),
-        ("recurrent_delta_rule", "off by one: o_t read from S_{t-1}, before the write",
-         'outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))',
-         'outs.append(torch.einsum("bhkv,bhk->bhv", S - k_t[..., :, None] * v_new[..., None, :], q[:, t]))'),
         ("recurrent_delta_rule", "no scale on q", "q.to(acc) * scale", "q.to(acc)"),
-        ("recurrent_delta_rule", "linear attention write: S + k (beta v)^T instead of S + k v'^T",
-         "S = S + k_t[..., :, None] * v_new[..., None, :]", "S = S + k_t[..., :, None] * (b_t * v_t)[..., None, :]"),
         ("recurrent_delta_rule", "initial_state ignored",
          "S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)",
          "S = q.new_zeros(B, H, K, V)"),
+        ("recurrent_delta_rule", "off by one: token t decayed by the previous token's gate g_{t-1}",
+         "beta[:, t], g[t])", "beta[:, t], g[t - 1])"),
     ],
     "chunked_delta_rule": [
         ("_chunked", "(I + A)^-1 taken as I - A (first order)",
@@ -40,9 +55,11 @@ MUTANTS = {
          "torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)"),
         ("_chunked", "beta missing on V: U = T V", "kb, vb = k * beta, v * beta", "kb, vb = k * beta, v"),
         ("_chunked", "state update with U instead of V' = U - W S",
-         "S = S + k[:, :, n].transpose(-1, -2) @ v_new", "S = S + k[:, :, n].transpose(-1, -2) @ U[:, :, n]"),
+         "k_out[:, :, n].transpose(-1, -2) @ v_new", "k_out[:, :, n].transpose(-1, -2) @ U[:, :, n]"),
         ("_chunked", "no scale on q", "q, k, v = chunks(q) * scale, chunks(k), chunks(v)",
          "q, k, v = chunks(q), chunks(k), chunks(v)"),
+        ("_chunked", "gated: the intra-chunk Q K^T without the decay Gam", "A, QK, kw = A * Gam, QK * Gam, ",
+         "A, QK, kw = A * Gam, QK, "),
     ],
     "token_entropy": [
         ("token_entropy", "bits instead of nats", "logp.nan_to_num(neginf=0.0)).sum(dim=-1))",

@@ -13,15 +13,21 @@ and V'_n are outputs too and bring gradients of their own from outside, G_n and 
     dA = -tril(T^T dT T^T, -1);   dK += diag(beta) dA K + (diag(beta) dA)^T K
     dbeta = rowsum(K * T^T dW) + rowsum(V * T^T dU) + rowsum(dA * K K^T)      wy_representation_bwd_kernel
 The initial-state gradient is dS_0. Precision as in the forward: fp32 accumulation, dot operands in the input dtype.
+Gated DeltaNet (GATED): Q_n, K_n (state part), tril become diag(exp(G)) Q_n, diag(exp(G_last - G)) K_n, tril o Gam;
+dS_n gets exp(G_last) dS_{n+1}; W's diag(beta) K becomes diag(beta exp(G)) K; A gets o Gam. Each factor exp(G_i - G_j)
+multiplies a term bilinear in rows i and j, so with dQ, dK of steps 4-5 and X = dA o A:
+    dG_i = rowsum(Q o dQ)_i - rowsum(K o dK)_i + beta_i exp(G_i) rowsum(K o T^T dW)_i + rowsum(X)_i - colsum(X)_i,
+plus sum(K o dK_state) + exp(G_last) <dS_{n+1}, S_n> on the chunk's last row; chunk_cumsum's autograd makes it dg.
 """
 import torch
 
-from .triton_tiles import launch_config, load_rows, load_tile, store_tile, tl, triton
+from .triton_tiles import decay_matrix, launch_config, load_decay, load_rows, load_tile, store_tile, tl, triton
 
 
 @triton.jit
-def chunk_output_bwd_dv_kernel(q, k, do, dv_rows, dv, scale, seq_len, H, DK: tl.constexpr, DV: tl.constexpr,
-                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DV_ROWS: tl.constexpr):
+def chunk_output_bwd_dv_kernel(q, k, gc, do, dv_rows, dv, scale, seq_len, H, DK: tl.constexpr, DV: tl.constexpr,
+                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DV_ROWS: tl.constexpr,
+                               GATED: tl.constexpr):
     """Intra-chunk part of dV'_n = scale tril(Q_n K_n^T)^T dO_n + G'_n, [BT, DV], for chunk program_id(0) of
     (b, h) = program_id(1); G'_n is read from dv_rows [B, T, H, DV] if HAS_DV_ROWS (a gradient into V' itself).
     Written to dv [B, T, H, DV] (chunk_state_pass_bwd adds K_n dS_{n+1} in place)."""
@@ -36,6 +42,9 @@ def chunk_output_bwd_dv_kernel(q, k, do, dv_rows, dv, scale, seq_len, H, DK: tl.
         KQt += tl.dot(k_b, tl.trans(q_b))                                        # (Q K^T)^T  [BT, BT]
     rows = tl.arange(0, BT)
     KQt = tl.where(rows[:, None] <= rows[None, :], KQt, 0.0)                     # transpose of tril incl. diagonal
+    if GATED:
+        Gc, _ = load_decay(gc + row0, t0, seq_len, H, BT)
+        KQt = KQt * tl.trans(decay_matrix(Gc, BT))                               # (Q K^T o Gam)^T
     for v0 in range(0, DV, BV):
         do_b = load_tile(do + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV]
         dv_b = scale * tl.dot(KQt.to(do_b.dtype), do_b)                          # [BT, BV]
@@ -45,9 +54,10 @@ def chunk_output_bwd_dv_kernel(q, k, do, dv_rows, dv, scale, seq_len, H, DK: tl.
 
 
 @triton.jit
-def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale, seq_len, H, NT, DK: tl.constexpr,
-                                DV: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-                                HAS_DHT: tl.constexpr, HAS_DH_STATES: tl.constexpr, STORE_DH0: tl.constexpr):
+def chunk_state_pass_bwd_kernel(q, k, gc, w, do, dv, dh, dht, dh_states, dh0, scale, seq_len, H, NT,
+                                DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr,
+                                BV: tl.constexpr, HAS_DHT: tl.constexpr, HAS_DH_STATES: tl.constexpr,
+                                STORE_DH0: tl.constexpr, GATED: tl.constexpr):
     """Reverse of step 4 for value columns [v0, v0 + BV) of (b, h) = program_id(1), sequential over n = NT-1 .. 0
     with dS [BKF, BV] in fp32; dh[b, n, h] = dS_{n+1}; G_n = dh_states[b, n, h] (fp32 [B, NT, H, DK, DV]) if
     HAS_DH_STATES. dv holds the intra-chunk part on entry and the full dV' on exit. dht, dh0: [B, H, DK, DV] fp32."""
@@ -69,8 +79,14 @@ def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale,
         w_n = load_tile(w + row0 * DK, t0, seq_len, H * DK, 0, DK, BT, BKF)       # [BT, BKF]
         do_n = load_tile(do + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV]
         dv_n = load_tile(dv + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV] intra part
+        if GATED:  # exp(G) Q_n, exp(G_last - G) K_n, and dS_{n+1} reaches S_n through exp(G_last)
+            Gc, last = load_decay(gc + row0, t0, seq_len, H, BT)
+            q_n = (q_n * tl.exp(Gc)[:, None]).to(q_n.dtype)
+            k_n = (k_n * tl.exp(last - Gc)[:, None]).to(k_n.dtype)
         dv_n = dv_n + tl.dot(k_n, dS.to(k_n.dtype))                              # dV'_n += K_n dS_{n+1}
         store_tile(dv + row0 * DV, dv_n, t0, seq_len, H * DV, v0, DV, BT, BV)
+        if GATED:
+            dS = dS * tl.exp(last)
         dS += scale * tl.dot(tl.trans(q_n), do_n)                                # + scale Q_n^T dO_n
         dS -= tl.dot(tl.trans(w_n), dv_n.to(w_n.dtype))                          # - W_n^T dV'_n
         if HAS_DH_STATES:                                                        # + G_n: now dS = dS_n
@@ -81,11 +97,13 @@ def chunk_state_pass_bwd_kernel(q, k, w, do, dv, dh, dht, dh_states, dh0, scale,
 
 
 @triton.jit
-def chunk_output_bwd_dqk_kernel(q, k, v_new, do, dv, h, dh, dq, dk, dw, scale, seq_len, H, NT, DK: tl.constexpr,
-                                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def chunk_output_bwd_dqk_kernel(q, k, gc, v_new, do, dv, h, dh, dq, dk, dw, dg, dg_stride, scale, seq_len, H, NT,
+                                DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                                BV: tl.constexpr, GATED: tl.constexpr):
     """dQ_n, dK_n, dW_n (module docstring; each [BT, BK]) for key columns [c0, c0 + BK), c0 = program_id(0) * BK,
     of chunk n = program_id(1), (b, h) = program_id(2); the DV sums run over [BT, BV] / [BK, BV] blocks.
-    dq is final; dk [B, T, H, DK] fp32 gets the part from steps 4-5 (wy_representation_bwd adds the rest)."""
+    dq is final; dk [B, T, H, DK] fp32 gets the part from steps 4-5 (wy_representation_bwd adds the rest).
+    GATED: this key block's share of dG (module docstring) into dg + program_id(0) * dg_stride, [B, T, H] fp32."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     row0 = i_b.to(tl.int64) * seq_len * H + i_h
@@ -95,6 +113,8 @@ def chunk_output_bwd_dqk_kernel(q, k, v_new, do, dv, h, dh, dq, dk, dw, scale, s
     dQ = tl.zeros([BT, BK], dtype=tl.float32)
     dK = tl.zeros([BT, BK], dtype=tl.float32)
     dW = tl.zeros([BT, BK], dtype=tl.float32)
+    if GATED:
+        SdS = tl.zeros([BK], dtype=tl.float32)                                   # <S_n, dS_{n+1}> per key row
     for v0 in range(0, DV, BV):
         do_b = load_tile(do + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)     # [BT, BV]
         vn_b = load_tile(v_new + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)  # [BT, BV]
@@ -105,35 +125,53 @@ def chunk_output_bwd_dqk_kernel(q, k, v_new, do, dv, h, dh, dq, dk, dw, scale, s
         dQ += tl.dot(do_b, tl.trans(S_b))                                        # dO_n S_n^T
         dK += tl.dot(vn_b, tl.trans(dS_b))                                       # V'_n dS_{n+1}^T
         dW -= tl.dot(dvn_b.to(do_b.dtype), tl.trans(S_b))                        # -dV'_n S_n^T
+        if GATED:
+            SdS += tl.sum(S_b.to(tl.float32) * dS_b.to(tl.float32), axis=1)
     rows = tl.arange(0, BT)
     dP = scale * tl.where(rows[:, None] >= rows[None, :], dP, 0.0)              # [BT, BT]
     q_b = load_tile(q + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)           # [BT, BK]
     k_b = load_tile(k + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)           # [BT, BK]
+    if GATED:
+        Gc, last = load_decay(gc + row0, t0, seq_len, H, BT)
+        dQ, dK, dP = dQ * tl.exp(Gc)[:, None], dK * tl.exp(last - Gc)[:, None], dP * decay_matrix(Gc, BT)
+        dG_last = tl.sum(k_b.to(tl.float32) * dK) + tl.exp(last) * tl.sum(SdS)   # exp(G_last) in S_{n+1}
     dQ = scale * dQ + tl.dot(dP.to(k_b.dtype), k_b)
     dK += tl.dot(tl.trans(dP).to(q_b.dtype), q_b)
+    if GATED:
+        r = t0 + rows
+        dG = tl.sum(q_b.to(tl.float32) * dQ, axis=1) - tl.sum(k_b.to(tl.float32) * dK, axis=1)
+        dG += tl.where(r == tl.minimum(t0 + BT, seq_len) - 1, dG_last, 0.0)
+        tl.store(dg + i_k.to(tl.int64) * dg_stride + row0 + r * H, dG, mask=r < seq_len)
     store_tile(dq + row0 * DK, dQ, t0, seq_len, H * DK, c0, DK, BT, BK)
     store_tile(dk + row0 * DK, dK, t0, seq_len, H * DK, c0, DK, BT, BK)
     store_tile(dw + row0 * DK, dW, t0, seq_len, H * DK, c0, DK, BT, BK)
 
 
 @triton.jit
-def wy_representation_bwd_kernel(k, v, beta, T_in, dw, du, dk_in, dk, dv, dbeta, seq_len, H, DK: tl.constexpr,
-                                 DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def wy_representation_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk_in, dk, dv, dbeta, dg, seq_len, H,
+                                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                                 BV: tl.constexpr, GATED: tl.constexpr):
     """Reverse of steps 3, 2, 1 for chunk program_id(0) of (b, h) = program_id(1) (module docstring):
-    reads T, dW, dU = dV' and the step 4-5 part of dK (dk_in, fp32); writes the final dK, dV and dbeta."""
+    reads T, dW, dU = dV' and the step 4-5 part of dK (dk_in, fp32); writes the final dK, dV and dbeta, and
+    (GATED) the steps 1-3 share of dG into dg [B, T, H] fp32."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     row0 = i_b.to(tl.int64) * seq_len * H + i_h
     t0 = i_n * BT
     b = load_rows(beta + row0, t0, seq_len, H, BT)                               # [BT] fp32
+    bw, ew = b, 1.0                                      # W's row weights beta exp(G), and exp(G) (1 without a gate)
+    if GATED:
+        Gc, _ = load_decay(gc + row0, t0, seq_len, H, BT)
+        ew = tl.exp(Gc)
+        bw = b * ew
     T = load_tile(T_in + row0 * BT, t0, seq_len, H * BT, 0, BT, BT, BT)          # [BT, BT]
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     KKt = tl.zeros([BT, BT], dtype=tl.float32)
     db = tl.zeros([BT], dtype=tl.float32)
-    for c0 in range(0, DK, BK):                                                  # dT += dW (diag(beta) K)^T
+    for c0 in range(0, DK, BK):                                                  # dT += dW (diag(bw) K)^T
         k_b = load_tile(k + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)       # [BT, BK]
         dw_b = load_tile(dw + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)     # [BT, BK]
-        dT += tl.dot(dw_b, tl.trans((b[:, None] * k_b).to(k_b.dtype)))
+        dT += tl.dot(dw_b, tl.trans((bw[:, None] * k_b).to(k_b.dtype)))
         KKt += tl.dot(k_b, tl.trans(k_b))
     for v0 in range(0, DV, BV):                                                  # dT += dU (diag(beta) V)^T
         v_b = load_tile(v + row0 * DV, t0, seq_len, H * DV, v0, DV, BT, BV)       # [BT, BV]
@@ -147,6 +185,10 @@ def wy_representation_bwd_kernel(k, v, beta, T_in, dw, du, dk_in, dk, dv, dbeta,
     dA = -tl.dot(tl.dot(Tt, dT), Tt)
     rows = tl.arange(0, BT)
     dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)                        # [BT, BT]
+    if GATED:                                                                    # A_ij = beta_i k_i . k_j Gam_ij
+        dA = dA * decay_matrix(Gc, BT)
+        X = b[:, None] * dA * KKt                                                # dA o A
+        dG = tl.sum(X, axis=1) - tl.sum(X, axis=0)
     db += tl.sum(dA * KKt, axis=1)                                               # A_ij = beta_i k_i . k_j
     dAb = b[:, None] * dA                                                        # diag(beta) dA
     for c0 in range(0, DK, BK):
@@ -154,39 +196,49 @@ def wy_representation_bwd_kernel(k, v, beta, T_in, dw, du, dk_in, dk, dv, dbeta,
         dw_b = load_tile(dw + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)     # [BT, BK]
         dk_b = load_tile(dk_in + row0 * DK, t0, seq_len, H * DK, c0, DK, BT, BK)  # [BT, BK] fp32
         G = tl.dot(tl.trans(T).to(k_b.dtype), dw_b)                               # T^T dW  [BT, BK]
-        db += tl.sum(k_b * G, axis=1)
-        dk_b += b[:, None] * G                                                   # + diag(beta) T^T dW
+        kG = tl.sum(k_b * G, axis=1)                                             # rowsum(K o T^T dW)
+        db += ew * kG
+        if GATED:
+            dG += bw * kG
+        dk_b += bw[:, None] * G                                                  # + diag(bw) T^T dW
         dk_b += tl.dot(dAb.to(k_b.dtype), k_b) + tl.dot(tl.trans(dAb).to(k_b.dtype), k_b)
         store_tile(dk + row0 * DK, dk_b, t0, seq_len, H * DK, c0, DK, BT, BK)
     r = t0 + rows
     tl.store(dbeta + row0 + r * H, db.to(dbeta.dtype.element_ty), mask=r < seq_len)
+    if GATED:
+        tl.store(dg + row0 + r * H, dG, mask=r < seq_len)
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, scale, do, dht, T_mat, w, h, v_new, BT, need_dh0, dh_states=None,
-                         dv_rows=None):
+                         dv_rows=None, gc=None):
     """Gradients of the chunked delta rule. q, k [B, T, H, DK], v, do [B, T, H, DV], beta [B, T, H], dht
     [B, H, DK, DV] fp32 or None; T_mat, w, h, v_new as saved by chunk_delta_rule_fwd; dh_states [B, NT, H, DK, DV]
-    fp32 or None and dv_rows [B, T, H, DV] or None: gradients into the chunk states S_n and the rows of V'.
-    Returns dq, dk, dv, dbeta (dtypes of the inputs) and dh0 [B, H, DK, DV] fp32 (None unless need_dh0)."""
+    fp32 or None and dv_rows [B, T, H, DV] or None: gradients into the chunk states S_n and the rows of V';
+    gc [B, T, H] fp32 (G, Gated DeltaNet) or None. Returns dq, dk, dv, dbeta (dtypes of the inputs), dG [B, T, H]
+    fp32 (None without gc) and dh0 [B, H, DK, DV] fp32 (None unless need_dh0)."""
     (B, T, H, DK), DV = q.shape, v.shape[-1]
     NT = triton.cdiv(T, BT)
     c, opts = launch_config(DK, DV, q.dtype)                                     # block sizes, num_warps/stages
     dv_new = torch.empty_like(v)                                                 # dV' (intra part, then full)
-    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, do, dv_rows, dv_new, scale, T, H, DK, DV, BT, c.BK, c.BV,
-                                            HAS_DV_ROWS=dv_rows is not None, **opts)
+    gated, NK = gc is not None, triton.cdiv(DK, c.BK)
+    chunk_output_bwd_dv_kernel[(NT, B * H)](q, k, gc, do, dv_rows, dv_new, scale, T, H, DK, DV, BT, c.BK, c.BV,
+                                            HAS_DV_ROWS=dv_rows is not None, GATED=gated, **opts)
 
     dh = torch.empty_like(h)                                                     # dS_{n+1} per chunk n
     dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32) if need_dh0 else None
     chunk_state_pass_bwd_kernel[(triton.cdiv(DV, c.BVS), B * H)](
-        q, k, w, do, dv_new, dh, dht, dh_states, dh0, scale, T, H, NT, DK, DV, BT, c.BKF, c.BVS,
-        HAS_DHT=dht is not None, HAS_DH_STATES=dh_states is not None, STORE_DH0=need_dh0, **opts)
+        q, k, gc, w, do, dv_new, dh, dht, dh_states, dh0, scale, T, H, NT, DK, DV, BT, c.BKF, c.BVS,
+        HAS_DHT=dht is not None, HAS_DH_STATES=dh_states is not None, STORE_DH0=need_dh0, GATED=gated, **opts)
 
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     dk_state = torch.empty_like(k, dtype=torch.float32)
-    chunk_output_bwd_dqk_kernel[(triton.cdiv(DK, c.BK), NT, B * H)](
-        q, k, v_new, do, dv_new, h, dh, dq, dk_state, dw, scale, T, H, NT, DK, DV, BT, c.BK, c.BV, **opts)
+    dg = gc.new_empty(1 + NK, B, T, H) if gated else None                       # shares of dG: steps 1-3, key blocks
+    chunk_output_bwd_dqk_kernel[(NK, NT, B * H)](
+        q, k, gc, v_new, do, dv_new, h, dh, dq, dk_state, dw, dg[1:] if gated else None, B * T * H, scale, T, H, NT,
+        DK, DV, BT, c.BK, c.BV, GATED=gated, **opts)
 
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
-    wy_representation_bwd_kernel[(NT, B * H)](k, v, beta, T_mat, dw, dv_new, dk_state, dk, dv, dbeta, T, H, DK, DV,
-                                              BT, c.BK, c.BV, **opts)
-    return dq, dk, dv, dbeta, dh0
+    wy_representation_bwd_kernel[(NT, B * H)](k, v, beta, gc, T_mat, dw, dv_new, dk_state, dk, dv, dbeta,
+                                              dg[0] if gated else None, T, H, DK, DV, BT, c.BK, c.BV, GATED=gated,
+                                              **opts)
+    return dq, dk, dv, dbeta, dg.sum(0) if gated else None, dh0

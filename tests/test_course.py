@@ -73,8 +73,8 @@ def test_make_a_student_copy_and_grade_it_there(tmp_path):
     rc, out, _ = course("grade", "--only", "token_entropy,smooth_entropy,chunked_delta_rule", cwd=dst)
     assert rc == 1, out
     assert out[0] == "token_entropy  0/3  0/1 points" and "NotImplementedError: assignment token_entropy" in out[1]
-    assert "smooth_entropy  3/3  1/1 points" in out and "chunked_delta_rule  0/18  0/3 points" in out
-    assert out[-1] == "score: 1/5"
+    assert "smooth_entropy  3/3  1/1 points" in out and "chunked_delta_rule  0/45  0/4 points" in out
+    assert out[-1] == "score: 1/6"
 
 
 def test_grading_another_folder_isolates_each_assignment(tmp_path):

@@ -145,7 +145,7 @@ def test_model_snapshots_follow_the_forced_backend(monkeypatch):
     import kernels
     from model import FastWeightLM, ModelConfig
     calls, loop = [], kernels.recurrent_delta_rule
-    monkeypatch.setattr(kernels, "recurrent_delta_rule", lambda *a: calls.append(a[-1]) or loop(*a))
+    monkeypatch.setattr(kernels, "recurrent_delta_rule", lambda *a: calls.append(a[7]) or loop(*a))
     x = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(1))
     pos = torch.tensor([[0, 20], [8, 9]])
     states = []
@@ -159,3 +159,133 @@ def test_model_snapshots_follow_the_forced_backend(monkeypatch):
     for a, b in zip(*states):
         # float64 model: the deferred recurrent pass and the chunked one differ in summation order (~1e-14)
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------- Gated DeltaNet
+# g [B, T, HV]: the per-token log-decay. Three regimes: zero (must be DeltaNet), mild, and strong (down to -30 per
+# token: a mild random gate hides chunk-boundary and dg bugs, fla issue #891). HV = 2H exercises GVA.
+DECAYS = {"zero": 0.0, "mild": 0.5, "strong": 30.0}  # g ~ U(-x, 0)
+
+
+def gated_inputs(B, T, H, HV, K, V, decay, dtype=torch.float64, seed=0):
+    """Leaves q, k [B, T, H, K], v [B, T, HV, V], beta [B, T, HV], g [B, T, HV] ~ U(-DECAYS[decay], 0), s0."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v, beta = torch.randn(B, T, HV, V, generator=gen), torch.rand(B, T, HV, generator=gen)
+    g, s0 = -DECAYS[decay] * torch.rand(B, T, HV, generator=gen), torch.randn(B, HV, K, V, generator=gen)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, beta, g, s0)]
+
+
+def run_gated(backend, inputs, chunk_size=64, positions=None):
+    """Output, final state (and snapshots at positions) and the gradients of q, k, v, beta, g, s0 of a random loss."""
+    q, k, v, beta, g, s0 = inputs
+    o, s, *snaps = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, backend=backend,
+                              chunk_size=chunk_size, snapshot_at=positions, g=g)
+    outs = [o, s, *snaps]
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in outs)
+    return outs, torch.autograd.grad(loss, [x for x in inputs if x is not None])
+
+
+# fp64: the chunked and the loop form differ by summation order (~1e-16 per operation) and by exp(G_i - G_j) taken
+# from a difference of cumsums (|G| <= 30 * 64 = 1920: 1920 * 1.1e-16 = 2e-13 relative in a decay factor); gradients
+# sum up to T = 130 such terms. 1e-10 leaves three orders of magnitude above that and catches any real error.
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("T,C", [(1, 16), (45, 16), (100, 32), (130, 64)])
+@pytest.mark.parametrize("groups", [1, 2], ids=["HV=H", "HV=2H"])
+def test_gated_chunked_matches_recurrent_fp64(decay, T, C, groups):
+    inputs = gated_inputs(2, T, 2, 2 * groups, 16, 8, decay)
+    (o_ref, s_ref), g_ref = run_gated("recurrent", inputs)
+    (o, s), grads = run_gated("torch", inputs, chunk_size=C)
+    torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(s, s_ref, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "ds0"), grads, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+def test_zero_gate_is_deltanet(backend):
+    """g = 0 multiplies by exp(0) = 1, which is exact: the same values as g = None (DeltaNet) to the bit; the
+    gradients add the (exactly zero-decay) paths in another order: fp32 summation-order noise, 2e-5 / 1e-4 as above."""
+    q, k, v, beta, g, s0 = gated_inputs(2, 70, 2, 2, 16, 16, "zero", dtype=torch.float32)
+    outs = [run_gated(backend, [q, k, v, beta, gate, s0], chunk_size=32) for gate in (g, None)]
+    for a, b in zip(outs[0][0], outs[1][0]):  # output, final state
+        assert torch.equal(a, b)
+    for a, b in zip(outs[0][1][:4] + outs[0][1][5:], outs[1][1]):  # dq, dk, dv, dbeta, ds0 (dg has no partner)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+def test_gva_value_head_j_reads_qk_head_j_over_groups(backend):
+    """HV = 3H: value head j of one call equals an H = 1 run of the loop on q/k head j // 3 alone (fp64: 1e-12
+    covers the summation order of the chunked form)."""
+    q, k, v, beta, g, s0 = gated_inputs(1, 40, 2, 6, 8, 8, "mild")
+    o, s = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, backend=backend, chunk_size=16, g=g)
+    for j in range(6):
+        qk, vh = slice(j // 3, j // 3 + 1), slice(j, j + 1)
+        o_j, s_j = delta_rule(q[:, :, qk], k[:, :, qk], v[:, :, vh], beta[:, :, vh], initial_state=s0[:, vh],
+                              output_final_state=True, backend="recurrent", g=g[:, :, vh])
+        torch.testing.assert_close(o[:, :, vh], o_j, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(s[:, vh], s_j, atol=1e-12, rtol=1e-12)
+
+
+def gated_prefix_states(q, k, v, beta, g, s0, positions):
+    """[B, P, HV, K, V]: the final state of the gated loop run over tokens 0..t, t = positions[b, p]."""
+    rows = []
+    for b, row in enumerate(positions.tolist()):
+        for t in row:
+            sl, keep = slice(b, b + 1), slice(0, t + 1)
+            _, s = delta_rule(q[sl, keep], k[sl, keep], v[sl, keep], beta[sl, keep], initial_state=s0[sl],
+                              output_final_state=True, backend="recurrent", g=g[sl, keep])
+            rows.append(s[0])
+    return torch.stack(rows).view(*positions.shape, *rows[0].shape)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+@pytest.mark.parametrize("decay", ["mild", "strong"])
+def test_gated_snapshots_equal_prefix_states(backend, decay):
+    """The state after the first token, the last and first rows of chunks, a row inside and the last token, from
+    one pass, equals the gated loop's state after that prefix: values and all gradients (dg included) through the
+    snapshots and the output (fp64, tolerance as in test_gated_chunked_matches_recurrent_fp64)."""
+    inputs = gated_inputs(2, 90, 1, 2, 16, 8, decay)
+    gen = torch.Generator().manual_seed(2)
+    do, ds = torch.randn(2, 90, 2, 8, generator=gen).double(), torch.randn(2, 5, 2, 16, 8, generator=gen).double()
+    q, k, v, beta, g, s0 = inputs
+    o, _, snaps = delta_rule(q, k, v, beta, initial_state=s0, backend=backend, chunk_size=32, snapshot_at=POSITIONS,
+                             g=g)
+    grads = torch.autograd.grad((o * do).sum() + (snaps * ds).sum(), inputs)
+    o_ref, _ = delta_rule(q, k, v, beta, initial_state=s0, backend="recurrent", g=g)
+    ref = gated_prefix_states(q, k, v, beta, g, s0, POSITIONS)
+    ref_grads = torch.autograd.grad((o_ref * do).sum() + (ref * ds).sum(), inputs)
+    torch.testing.assert_close(snaps, ref, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "ds0"), grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "deltanet"])
+def test_step_is_the_matrix_form(gated):
+    """One step of the loop is S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t
+    (Gated DeltaNet's recurrence as a matrix product: the decay first, the error read from the decayed state;
+    g = None is DeltaNet, g = 0). fp64 and a handful of operations on O(1) values: 1e-12."""
+    from kernels.recurrent import delta_rule_step
+    gen = torch.Generator().manual_seed(3)
+    S, q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in
+                  [(2, 3, 4, 5), (2, 3, 4), (2, 3, 4), (2, 3, 5)])
+    beta, g = torch.rand(2, 3, generator=gen, dtype=torch.float64), -torch.rand(2, 3, generator=gen).double()
+    S_t, o_t = delta_rule_step(S, q, k, v, beta, g if gated else None)
+    g = g if gated else torch.zeros_like(g)
+    kk = torch.einsum("bhk,bhl->bhkl", k, k)                                           # k k^T  [B, H, K, K]
+    eye = torch.eye(4, dtype=torch.float64)
+    want = g.exp()[..., None, None] * (eye - beta[..., None, None] * kk) @ S + \
+        beta[..., None, None] * torch.einsum("bhk,bhv->bhkv", k, v)
+    torch.testing.assert_close(S_t, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(o_t, torch.einsum("bhkv,bhk->bhv", want, q), atol=1e-12, rtol=1e-12)
+
+
+def test_gated_shapes_are_checked():
+    q, k, v, beta, g, _ = gated_inputs(1, 5, 2, 4, 8, 8, "mild")
+    with pytest.raises(ValueError, match="HV a multiple of H"):
+        delta_rule(q, k, v[:, :, :3], beta[:, :, :3], g=g[:, :, :3])
+    with pytest.raises(ValueError, match="beta and g"):
+        delta_rule(q, k, v, beta, g=g[:, :, :2])

@@ -128,7 +128,7 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="chunk_size"):
         td.triton_delta_rule(q, q, v, beta, chunk_size=48)
     with pytest.raises(ValueError, match="head dims"):
-        td.triton_delta_rule(torch.zeros(1, 4, 2, 256), torch.zeros(1, 4, 2, 256), v, beta)
+        td.triton_delta_rule(torch.zeros(1, 4, 2, 512), torch.zeros(1, 4, 2, 512), v, beta)
     with pytest.raises(ValueError, match="beta"):
         td.triton_delta_rule(q, q, v, torch.zeros(1, 4, 3))
 
@@ -241,3 +241,59 @@ def test_deltanet_model_snapshots_through_triton(device, dtype, checkpointing):
         assert rel_rms(a, b) < 1e-4
     for (name, _), a, b in zip(model.named_parameters(), grads_tr, grads_t):
         assert rel_rms(a, b) < 1e-4, name
+
+
+# ------------------------------------------------------------------------------------------------- Gated DeltaNet
+# The gated rule (g [B, T, HV] log-decay) through kernels.delta_rule(backend="triton") against the recurrent loop:
+# output, final state, snapshots and the gradients of q, k, v, beta, g, h0, for g = 0, mild U(-0.5, 0) and strong
+# U(-30, 0) decay (fla issue #891: a mild gate hides chunk-boundary and dg bugs). Tolerances as above (relative RMS);
+# dg on CUDA bf16: fla's own 0.02 (dg sums products over a whole chunk, from bf16 operands). dg_i is a difference of
+# terms as large as the rows of dq and dk (rowsum(q_i o dq_i) - rowsum(k_i o dk_i) + ..., unit q and k): under strong
+# decay |dg| is up to 1e4 x smaller than those rows and the rounding of the terms dominates, so dg's error is measured
+# against the larger of its own RMS and the RMS row norm of dq and dk.
+# (B, T, H, HV, K, V, chunk, positions [B, P]: the first token, chunk edges, the last token)
+GATED_CASES = [
+    (2, 37, 1, 2, 16, 16, 16, [[0, 15, 16, 36], [5, 31, 32, 36]]),   # HV = 2H, last chunk partial
+    (1, 32, 2, 2, 16, 32, 16, [[31, 16, 0, 15]]),                      # HV = H, T a multiple of the chunk, K != V
+    (1, 20, 1, 1, 160, 72, 16, [[0, 19]]),       # K padded to 256 (3 key blocks of 64), V = 72: 2 and 3 value blocks
+]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("case", GATED_CASES, ids=["gva-partial-chunk", "edges", "wide-heads"])
+@pytest.mark.parametrize("decay", [0.0, 0.5, 30.0], ids=["zero", "mild", "strong"])
+def test_gated_matches_recurrent_values_and_grads(device, dtype, case, decay):
+    from kernels import delta_rule
+    B, T, H, HV, K, V, chunk, pos = case
+    gen = torch.Generator().manual_seed(4)
+    q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v, beta, g = torch.randn(B, T, HV, V, generator=gen), torch.rand(B, T, HV, generator=gen), \
+        -decay * torch.rand(B, T, HV, generator=gen)
+    h0 = torch.randn(B, HV, K, V, generator=gen)
+    positions = torch.tensor(pos, device=device)
+    cots = [torch.randn(*shape, generator=gen).to(device) for shape in [(B, T, HV, V), (B, HV, K, V),
+                                                                       (B, len(pos[0]), HV, K, V)]]
+
+    def run(backend, dt):
+        leaves = [x.to(device, dt if i < 4 else torch.float32).requires_grad_()
+                  for i, x in enumerate((q, k, v, beta, g, h0))]
+        outs = delta_rule(*leaves[:4], initial_state=leaves[5], output_final_state=True, backend=backend,
+                          chunk_size=chunk, snapshot_at=positions, g=leaves[4])
+        loss = sum((x.float() * c).sum() for x, c in zip(outs, cots))
+        return outs, torch.autograd.grad(loss, leaves)
+
+    (o, ht, snaps), grads = run("triton", dtype)
+    (o_ref, ht_ref, snaps_ref), ref_grads = run("recurrent", torch.float32)
+    tol_out, tol_grad = TOL[dtype]
+    assert o.dtype == dtype and ht.dtype == snaps.dtype == torch.float32
+    for name, x, ref in [("output", o, o_ref), ("final state", ht, ht_ref), ("snapshots", snaps, snaps_ref)]:
+        assert rel_rms(x, ref) < tol_out, name
+    row_norm = lambda x: x.float().norm(dim=-1).pow(2).mean().sqrt()              # RMS of the rows' norms
+    dg_scale = max(ref_grads[4].pow(2).mean().sqrt(), row_norm(ref_grads[0]), row_norm(ref_grads[1]))
+    for name, grad, ref in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), grads, ref_grads):
+        assert grad.shape == ref.shape, name
+        if name == "dg":
+            tol = 2e-2 if dtype != torch.float32 else tol_grad
+            assert ((grad.float() - ref).pow(2).mean().sqrt() / dg_scale).item() < tol, name
+        else:
+            assert rel_rms(grad, ref) < tol_grad, name
