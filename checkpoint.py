@@ -2,9 +2,9 @@
 listed in model.safetensors.index.json) + optionally tokenizer.json.
 
 The config uses the field names of the reference config classes (fla's DeltaNetConfig, model_type "delta_net";
-LaCT's LaCTSWIGLUConfig, model_type "lact_swiglu"), the weights their state-dict names (FastWeightLM's own). A field
-missing from config.json takes the reference class's default (NOT ModelConfig's), an unknown field is ignored, and a
-feature we do not implement is refused by name.
+fla's GatedDeltaNetConfig, "gated_deltanet"; LaCT's LaCTSWIGLUConfig, "lact_swiglu"), the weights their state-dict
+names (FastWeightLM's own). A field missing from config.json takes the reference class's default (NOT ModelConfig's),
+an unknown field is ignored, and a feature we do not implement is refused by name.
 
 Training checkpoints (train.py's out_dir/ckpt.pt, for --resume) are one torch.save file: the full model and AdamW
 state keyed by parameter name, gathered from whatever engine trained them (one process, DDP, FSDP2), so a run can
@@ -25,32 +25,41 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import FastWeightLM, ModelConfig
 
-MODEL_TYPES = {"delta_net": "deltanet", "lact_swiglu": "lact"}          # reference model_type -> ModelConfig.arch
-ARCHITECTURES = {"deltanet": "DeltaNetForCausalLM", "lact": "LaCTForCausalLM"}
+# reference model_type -> ModelConfig.arch
+MODEL_TYPES = {"delta_net": "deltanet", "gated_deltanet": "gated_deltanet", "lact_swiglu": "lact"}
+ARCHITECTURES = {"deltanet": "DeltaNetForCausalLM", "gated_deltanet": "GatedDeltaNetForCausalLM",
+                 "lact": "LaCTForCausalLM"}
 
 _COMMON = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, hidden_ratio=4, intermediate_size=None,
                norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                hidden_act="swish")
-# The reference config classes' defaults (fla DeltaNetConfig; LaCT LaCTSWIGLUConfig): the value of a missing field.
+# The reference config classes' defaults (fla DeltaNetConfig, GatedDeltaNetConfig; LaCT LaCTSWIGLUConfig): the value
+# of a missing field.
 REFERENCE_DEFAULTS = {
     "deltanet": dict(_COMMON, initializer_range=0.02, max_position_embeddings=2048, num_heads=16, expand_k=1.0,
                      expand_v=1.0, conv_size=4, use_short_conv=True, use_beta=True, use_gate=False,
-                     use_output_norm=True, qk_activation="silu", qk_norm="l2"),
+                     use_output_norm=True, qk_activation="silu", qk_norm="l2", allow_neg_eigval=False),
+    "gated_deltanet": dict(_COMMON, num_hidden_layers=21, initializer_range=0.02, max_position_embeddings=2048,
+                           num_heads=6, head_dim=256, expand_v=2.0, num_v_heads=None, conv_size=4, use_gate=True,
+                           use_short_conv=True, allow_neg_eigval=False),
     "lact": dict(_COMMON, initializer_range=0.006, max_position_embeddings=2048, num_attn_heads=32, num_lact_heads=4,
                  inter_multi=1, window_size=2048, lact_chunk_size=2048, qkv_bias=False, attn_qk_norm=False,
                  qkv_silu=True, no_v_silu=False, lr_dim=1, use_muon=False, use_momentum=True,
                  learnable_ttt_scale=True, w0_w2_low_rank=-1, fw_init_gain=0.5, rope_theta=10000.0,
-                 ttt_prenorm=False, ttt_nope=False, lr_parameterization="mamba", ttt_loss_type="dot_product"),
+                 ttt_prenorm=False, ttt_nope=False, lr_parameterization="mamba", ttt_loss_type="dot_product",
+                 base_lr=1e-3),  # base_lr: hard-coded 1e-3 in the reference code (which ignores the field)
 }
 _SWISH = ("swish", "silu")
 # Reference features we do not implement: field -> the supported values, checked when present (true never matches 1).
 # Everything else the references define (attn_mode, fuse_*, use_l2warp, use_cache, use_fused_kernel, fp32_states,
 # chunk_size, attention_bias, elementwise_affine for LaCT, ...) is a kernel/training detail that leaves logits alone.
 SUPPORTED_VALUES = {
-    "deltanet": dict(use_gate=(False,), use_short_conv=(True,), use_beta=(True,), use_output_norm=(True,),
-                     qk_activation=("silu",), qk_norm=("l2",), allow_neg_eigval=(False,), attn=(None,),
+    "deltanet": dict(use_short_conv=(True,), use_beta=(True,), use_output_norm=(True,),
+                     qk_activation=("silu",), qk_norm=("l2",), attn=(None,),
                      norm_first=(False,), share_conv_kernel=(False,), use_rope=(False,), use_elu=(False,),
                      conv_bias=(False,), elementwise_affine=(True,), attnres_block_size=(None,), hidden_act=_SWISH),
+    "gated_deltanet": dict(use_short_conv=(True,), attn=(None,), conv_bias=(False,), attnres_block_size=(None,),
+                           output_gate_activation=_SWISH, hidden_act=_SWISH),
     "lact": dict(attn_qk_norm=(False,), no_v_silu=(False,), ttt_prenorm=(False,), lr_dim=(1,),
                  lr_parameterization=("mamba",), ttt_loss_type=("dot_product",), hidden_act=_SWISH),
 }
@@ -90,8 +99,8 @@ def config_to_hf(config: ModelConfig) -> dict:
     hf = {"model_type": model_type, "architectures": [ARCHITECTURES[config.arch]]}
     for name, default in REFERENCE_DEFAULTS[config.arch].items():
         hf[name] = getattr(config, name) if name in _FIELDS else default  # hidden_act, ttt_loss_type: neutral
-    if config.arch == "deltanet":
-        hf.update(attn=None, allow_neg_eigval=False)
+    if config.arch != "lact":
+        hf["attn"] = None                                                  # fla's hybrid attention layers: none
     return hf
 
 
@@ -158,6 +167,8 @@ def load_pretrained(path, dtype=None, device=None, **overrides) -> FastWeightLM:
     model = model_from_config_json(hf, "meta", **overrides)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = _read_weights(folder, str(torch.device(device or "cpu")))
+    if model.config.arch == "gated_deltanet":               # fla before 2025-03-12 saved an unused attn.D
+        state = {k: v for k, v in state.items() if not k.endswith(".attn.D")}
     if model.config.tie_word_embeddings:                    # the reference drops the tied copy when saving
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)

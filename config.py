@@ -112,8 +112,11 @@ PRESETS = {
     "toy-lact": ("the same with a tiny LaCT", dict(TOY, model="toy-lact", out_dir="out/toy-lact")),
     "toy-sft": ("the toy run with next-token prediction only (the baseline)",
                 dict(TOY, objective="sft", out_dir="out/toy-sft")),
+    "toy-gdn": ("the toy run on a tiny Gated DeltaNet (one head, the same 64 x 64 state)",
+                dict(TOY, model="toy-gdn", out_dir="out/toy-gdn")),
 }
-for _arch, _name in (("deltanet-1.3b", "DeltaNet-1.3B"), ("lact-760m", "LaCT-760M")):
+for _arch, _name in (("deltanet-1.3b", "DeltaNet-1.3B"), ("gated-deltanet-1.3b", "Gated DeltaNet-1.3B"),
+                     ("lact-760m", "LaCT-760M")):
     for _phase, _over in PHASES.items():
         PRESETS[f"{_arch}-{_phase}"] = (f"{_name} {_phase}-training as in the paper (needs --init_from, GPUs)",
                                         dict(PAPER, model=_arch, out_dir=f"out/{_arch}-{_phase}", **_over))
@@ -193,7 +196,7 @@ def usage():
     """The presets and every TrainConfig field with its default and the one-line meaning from its comment above."""
     import inspect
     lines = ["presets (python train.py --preset NAME; fields below can override any of them):"]
-    lines += [f"  {name:22s} {about}" for name, (about, _) in PRESETS.items()]
+    lines += [f"  {name:24s} {about}" for name, (about, _) in PRESETS.items()]
     lines += ["", "config fields (--key=value; the default shown is TrainConfig's, a preset may change it):"]
     for line in inspect.getsource(TrainConfig).split("@property")[0].splitlines()[2:]:   # the fields
         code, _, meaning = line.strip().partition("#")

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from fastweights import RMSNorm
 from kernels.chunked import deliver_snapshots
 
-BASE_LR = 1e-3  # lr = softplus(lr_proj(x) + inv_softplus(BASE_LR))
 NS_COEFFS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
 
@@ -154,6 +153,7 @@ class LaCTMixer(nn.Module):
         self.qkv_silu, self.ttt_nope, self.use_muon = c.qkv_silu, c.ttt_nope, c.use_muon
         self.use_momentum, self.learnable_ttt_scale = c.use_momentum, c.learnable_ttt_scale
         self.low_rank, self.fw_init_gain = c.w0_w2_low_rank, c.fw_init_gain
+        self.base_lr_inv = inv_softplus(c.base_lr)                    # lr = softplus(lr_proj(x) + this)
         self.muon_dtype = None  # dtype of Newton-Schulz; None = the weights' dtype; torch.bfloat16 = the reference
 
         self.qkv = nn.Linear(D, 3 * D, bias=c.qkv_bias)
@@ -213,7 +213,7 @@ class LaCTMixer(nn.Module):
         if not self.ttt_nope:  # RoPE over attention-head-sized blocks of the fast-weight heads
             fq, fk = (rope(t.reshape(B, T, Ha, -1), pos, self.theta).view(B, T, Hl, -1) for t in (fq, fk))
         acc = torch.promote_types(x.dtype, torch.float32)
-        lr = F.softplus(self.lr_proj(x).to(acc) + inv_softplus(BASE_LR)).view(B, T, Hl, 3)
+        lr = F.softplus(self.lr_proj(x).to(acc) + self.base_lr_inv).view(B, T, Hl, 3)
         gate = self.momentum_proj(x).to(acc).transpose(1, 2)[..., None] if self.use_momentum else None
         scale = F.silu(self.ttt_scale_proj(x)).transpose(1, 2)[..., None] if self.learnable_ttt_scale else None
         return dict(q=rope(q.view(B, T, Ha, -1), pos, self.theta), k=rope(k.view(B, T, Ha, -1), pos, self.theta),

@@ -1,12 +1,13 @@
 """The language model around the fast-weight mixers: config, presets, the pre-norm stack, decoding and snapshots.
 
-Layout and parameter names follow the reference checkpoints one-to-one (fla's DeltaNetForCausalLM and LaCT's
-lact_swiglu): model.embeddings, model.layers.{i}.{attn_norm, attn, mlp_norm, mlp}, model.norm, lm_head.
+Layout and parameter names follow the reference checkpoints one-to-one (fla's DeltaNetForCausalLM and
+GatedDeltaNetForCausalLM, LaCT's lact_swiglu): model.embeddings, model.layers.{i}.{attn_norm, attn, mlp_norm, mlp},
+model.norm, lm_head.
 Checkpoint I/O in the reference (Hugging Face) layout lives in checkpoint.py (checkpoint.load_pretrained,
 checkpoint.save_pretrained), which imports this file.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -14,13 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastweights import DeltaNetMixer, RMSNorm, map_state
+from fastweights import DeltaNetMixer, GatedDeltaNetMixer, RMSNorm, map_state
 from lact import LaCTMixer
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "deltanet"                 # "deltanet" | "lact"
+    arch: str = "deltanet"                 # "deltanet" | "gated_deltanet" | "lact"
     vocab_size: int = 32000
     hidden_size: int = 2048
     num_hidden_layers: int = 24
@@ -44,6 +45,12 @@ class ModelConfig:
     use_output_norm: bool = True
     qk_activation: str = "silu"
     qk_norm: str = "l2"
+    allow_neg_eigval: bool = False         # beta in (0, 2) instead of (0, 1)
+    # Gated DeltaNet (fla's GatedDeltaNetConfig names; the fields above too, but expand_v multiplies head_dim)
+    head_dim: int = 256                    # key width per head; values: head_dim * expand_v
+    num_v_heads: int | None = None         # value heads, a multiple of num_heads (None: num_heads)
+    # the decay rate A ~ U(lo, hi) at init (fla's; toy-gdn's is narrower): init only, so neither saved nor compared
+    gate_A_init: tuple = field(default=(0.01, 16.0), compare=False)
     chunk_size: int = 64                   # delta-rule chunk
     delta_backend: str = "auto"            # kernels.BACKENDS
     # LaCT (the lact_swiglu config names)
@@ -58,6 +65,7 @@ class ModelConfig:
     lr_dim: int = 1
     use_muon: bool = False
     use_momentum: bool = True
+    base_lr: float = 1e-3                  # inner lr at init: softplus(lr_proj(x) + inv_softplus(base_lr))
     learnable_ttt_scale: bool = True
     w0_w2_low_rank: int = 32
     fw_init_gain: float = 0.5
@@ -82,10 +90,20 @@ MODEL_PRESETS = {
     "toy-deltanet": ModelConfig(arch="deltanet", hidden_size=64, num_hidden_layers=2, num_heads=2, **TOY_VOCAB),
     # the toy preset's model: one head with 64-dim keys (2 x 32 learns key-value binding late and seed-dependently)
     "toy-deltanet-1head": ModelConfig(arch="deltanet", hidden_size=64, num_hidden_layers=2, num_heads=1, **TOY_VOCAB),
+    # 16-token chunks: the reference's base inner lr 1e-3 (for 2048-token chunks) moves the fast weights by 1e-4 of
+    # their norm per chunk and stores nothing (README: the toy LaCT); 1.0 stores a chunk's bindings and keeps them
     "toy-lact": ModelConfig(arch="lact", hidden_size=64, num_hidden_layers=2, num_attn_heads=2, num_lact_heads=1,
-                            window_size=16, lact_chunk_size=16, w0_w2_low_rank=8, rope_theta=10000.0, **TOY_VOCAB),
+                            window_size=16, lact_chunk_size=16, w0_w2_low_rank=8, rope_theta=10000.0, base_lr=1.0,
+                            **TOY_VOCAB),
+    # the toy preset's model with a gate: one head, the same 64 x 64 state; A ~ U(0.01, 0.1) keeps >= half of a needle
+    # over the 64-token warm-up at init (fla's U(0.01, 16) forgets it within 2 tokens on the default seed: README)
+    "toy-gdn": ModelConfig(arch="gated_deltanet", hidden_size=64, num_hidden_layers=2, num_heads=1, head_dim=64,
+                           expand_v=1.0, use_gate=True, gate_A_init=(0.01, 0.1), **TOY_VOCAB),
     # the reference architectures (fla-hub/delta_net-1.3B-100B and YunjinZhang/lact_llm 760M)
     "deltanet-1.3b": ModelConfig(arch="deltanet", max_position_embeddings=2048),
+    # fla's Gated DeltaNet 1.3B recipe (fla-org/flame configs/gated_deltanet_1B.json): 1,387,348,732 parameters
+    "gated-deltanet-1.3b": ModelConfig(arch="gated_deltanet", num_hidden_layers=21, num_heads=6, head_dim=256,
+                                       expand_v=2.0, use_gate=True, max_position_embeddings=2048),
     "lact-760m": ModelConfig(arch="lact", hidden_size=1536, num_hidden_layers=24, num_attn_heads=24,
                              num_lact_heads=4, window_size=2048, lact_chunk_size=2048),
 }
@@ -121,7 +139,7 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        mixers = {"deltanet": DeltaNetMixer, "lact": LaCTMixer}
+        mixers = {"deltanet": DeltaNetMixer, "gated_deltanet": GatedDeltaNetMixer, "lact": LaCTMixer}
         if config.arch not in mixers:
             raise ValueError(f"unknown arch {config.arch!r}; choose one of {', '.join(mixers)}")
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -148,7 +166,7 @@ class Backbone(nn.Module):
 
 
 class FastWeightLM(nn.Module):
-    """A DeltaNet or LaCT language model. Three entry points that agree (tests/test_model.py):
+    """A DeltaNet, Gated DeltaNet or LaCT language model. Three entry points that agree (tests/test_model.py):
     model(ids) for training, model(ids, snapshot_at) for the state after chosen prefixes, model.step for decoding."""
 
     def __init__(self, config: ModelConfig):
@@ -162,7 +180,7 @@ class FastWeightLM(nn.Module):
 
     def _init_weights(self, module):
         """Reference init: Linear / Conv / Embedding weights N(0, initializer_range), biases 0, norms 1; the LaCT
-        fast-weight parameters (not Linear modules) keep the mixer's own init (see lact.py)."""
+        fast-weight parameters and Gated DeltaNet's A_log, dt_bias (not Linear modules) keep the mixer's own init."""
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:

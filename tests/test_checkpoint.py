@@ -19,6 +19,10 @@ TOY_DELTANET = ModelConfig(arch="deltanet", vocab_size=64, hidden_size=32, num_h
 TOY_LACT = ModelConfig(arch="lact", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attn_heads=2,
                        num_lact_heads=2, window_size=6, lact_chunk_size=5, w0_w2_low_rank=4, rope_theta=10000.0,
                        max_position_embeddings=64)
+# Gated DeltaNet with every option on (GVA, beta in (0, 2), the output gate)
+TOY_GDN = ModelConfig(arch="gated_deltanet", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                      head_dim=8, expand_v=2.0, num_v_heads=4, use_gate=True, allow_neg_eigval=True,
+                      max_position_embeddings=2048)
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45], [3, 60, 7, 2, 11, 0, 19, 23, 63, 31, 35, 39]])
 
 
@@ -27,7 +31,7 @@ def toy(config, seed=0):
     model = FastWeightLM(config).eval()
     with torch.no_grad():                 # norms and qk_scale/offset away from their init so every weight matters
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "qk_" in name:
+            if name.endswith(("norm.weight", "A_log", "dt_bias")) or "qk_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -38,7 +42,7 @@ def logits(model, ids=IDS):
 
 
 # ------------------------------------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("config", [TOY_DELTANET, TOY_LACT], ids=["deltanet", "lact"])
+@pytest.mark.parametrize("config", [TOY_DELTANET, TOY_GDN, TOY_LACT], ids=["deltanet", "gated_deltanet", "lact"])
 def test_round_trip_is_bit_exact(tmp_path, config):
     model = toy(config)
     save_pretrained(model, tmp_path / "ckpt")
@@ -49,7 +53,8 @@ def test_round_trip_is_bit_exact(tmp_path, config):
     assert torch.equal(logits(loaded), logits(model))
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert hf["torch_dtype"] == "float32"
-    assert hf["architectures"] == [{"deltanet": "DeltaNetForCausalLM", "lact": "LaCTForCausalLM"}[config.arch]]
+    assert hf["architectures"] == [{"deltanet": "DeltaNetForCausalLM", "gated_deltanet": "GatedDeltaNetForCausalLM",
+                                    "lact": "LaCTForCausalLM"}[config.arch]]
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]            # no temporary folders left behind
 
 
@@ -82,6 +87,7 @@ def test_missing_fields_take_reference_defaults_not_ours():
     c = config_from_hf({"model_type": "lact_swiglu"})             # LaCTSWIGLUConfig defaults
     assert (c.num_attn_heads, c.w0_w2_low_rank, c.rope_theta, c.max_position_embeddings) == (32, -1, 10000.0, 2048)
     assert c.initializer_range == 0.006 and c.pad_token_id == c.eos_token_id == 2
+    assert c.base_lr == 1e-3                                      # the reference code's constant
     d = config_from_hf({"model_type": "delta_net", "hidden_ratio": None, "chunk_size": 16, "fuse_norm": False})
     assert d.max_position_embeddings == 2048 and d.hidden_ratio == 4 and d.chunk_size == 64  # fla's kernel chunk
 
@@ -278,19 +284,53 @@ def test_error_messages(tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatches .*attn\.b_proj\.weight \[2, 32\] \(model \[4, 32\]\)"):
         load_pretrained(tmp_path)
     write_folder(tmp_path, fla_config(model_type="llama"), fla_weights())
-    with pytest.raises(ValueError, match="unsupported model_type 'llama'; supported: delta_net, lact_swiglu"):
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'; supported: delta_net, gated_deltanet, "
+                                         "lact_swiglu"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("field, value", [("use_gate", True), ("allow_neg_eigval", True), ("qk_activation", "relu"),
-                                          ("qk_norm", "sum"), ("attn", {"layers": [1], "num_heads": 2}),
+@pytest.mark.parametrize("field, value", [("qk_activation", "relu"), ("qk_norm", "sum"),
+                                          ("attn", {"layers": [1], "num_heads": 2}),
                                           ("use_short_conv", False), ("norm_first", True), ("hidden_act", "gelu")])
 def test_unsupported_deltanet_features_are_named(field, value):
     with pytest.raises(ValueError, match=f"delta_net feature {field}=.* is not implemented"):
         config_from_hf(fla_config(**{field: value}))
+
+
+@pytest.mark.parametrize("field, value", [("use_short_conv", False), ("conv_bias", True), ("attnres_block_size", 4),
+                                          ("output_gate_activation", "sigmoid"), ("attn", {"layers": [1]})])
+def test_unsupported_gated_deltanet_features_are_named(field, value):
+    with pytest.raises(ValueError, match=f"gated_deltanet feature {field}=.* is not implemented"):
+        config_from_hf({"model_type": "gated_deltanet", field: value})
+
+
+def test_deltanet_gate_and_negative_eigenvalues_round_trip(tmp_path):
+    """fla's DeltaNet options use_gate (g_proj, gated output norm) and allow_neg_eigval: the Gated DeltaNet's code."""
+    config = ModelConfig(**{**TOY_DELTANET.__dict__, "use_gate": True, "allow_neg_eigval": True})
+    model = toy(config)
+    save_pretrained(model, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["use_gate"] is True and hf["allow_neg_eigval"] is True and "g_proj" in str(model.state_dict().keys())
+    assert torch.equal(logits(load_pretrained(tmp_path)), logits(model))
+
+
+def test_gated_deltanet_fla_folder(tmp_path):
+    """A folder as fla's GatedDeltaNetForCausalLM.save_pretrained writes it, from an fla version that still saved the
+    unused attn.D: the config maps to ours (fla's defaults for missing fields), attn.D is ignored, and saving
+    writes fla's field names back."""
+    model = toy(TOY_GDN)
+    weights = {**model.state_dict(), **{f"model.layers.{i}.attn.D": torch.ones(4) for i in range(2)}}
+    write_folder(tmp_path, {**FLA_GDN, "torch_dtype": "float32"}, weights)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config == TOY_GDN and torch.equal(logits(loaded), logits(model))
+    written = config_to_hf(TOY_GDN)                 # fla's fields, fla's values (its pad null reads as eos: 2)
+    assert all(written[k] == v for k, v in FLA_GDN.items() if k in checkpoint._FIELDS and k != "pad_token_id")
+    with torch.device("meta"):
+        defaults = model_from_config_json({"model_type": "gated_deltanet"})    # fla's defaults: the 1.3B recipe
+    assert defaults.num_parameters() == 1_387_348_732 and defaults.config == MODEL_PRESETS["gated-deltanet-1.3b"]
 
 
 @pytest.mark.parametrize("field, value", [("ttt_prenorm", True), ("no_v_silu", True), ("attn_qk_norm", True),
@@ -315,6 +355,18 @@ def test_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match="needs the 'tokenizers' package"):
         load_tokenizer(tmp_path)
+
+
+FLA_GDN = {  # TOY_GDN's config.json as fla 0.6.0's GatedDeltaNetConfig writes it (transformers 5.25)
+    "allow_neg_eigval": True, "architectures": ["GatedDeltaNetForCausalLM"], "attn": None, "attn_mode": "chunk",
+    "attnres_block_size": None, "bos_token_id": 1, "conv_size": 4, "dtype": "float32", "eos_token_id": 2,
+    "expand_v": 2, "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "fuse_norm": True,
+    "fuse_swiglu": True, "head_dim": 8, "hidden_act": "swish", "hidden_ratio": 4, "hidden_size": 32,
+    "initializer_range": 0.02, "intermediate_size": None, "max_position_embeddings": 2048,
+    "model_type": "gated_deltanet", "norm_eps": 1e-06, "num_heads": 2, "num_hidden_layers": 2, "num_v_heads": 4,
+    "output_gate_activation": "swish", "pad_token_id": None, "tie_word_embeddings": False,
+    "transformers_version": "5.25.0", "use_cache": True, "use_gate": True, "use_l2warp": False,
+    "use_short_conv": True, "vocab_size": 64}
 
 
 # -------------------------------------------------------------------------------- the reference checkpoints

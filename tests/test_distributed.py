@@ -131,7 +131,8 @@ def one(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("preset,mode", [("toy", "ddp"), ("toy", "fsdp"), ("toy-lact", "fsdp")])
+@pytest.mark.parametrize("preset,mode", [("toy", "ddp"), ("toy", "fsdp"), ("toy-lact", "fsdp"), ("toy-gdn", "ddp"),
+                                         ("toy-gdn", "fsdp")])
 def test_two_processes_equal_one(preset, mode, one, tmp_path):
     """One REFINE step from a fresh model (the same weights in both runs: the model of --seed)."""
     out, t2 = train(tmp_path, "--warmup_steps=0", "--max_steps=1", f"--parallel={mode}", processes=2, preset=preset)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lact import (BASE_LR, LaCTMixer, fast_weight_update, inv_softplus, newton_schulz5, swiglu_apply,
+from lact import (LaCTMixer, fast_weight_update, inv_softplus, newton_schulz5, swiglu_apply,
                   swiglu_inner_grads)
 
 
@@ -46,6 +46,7 @@ class Cfg:  # the reference config fields the mixer reads (reference defaults ex
     fw_init_gain: float = 0.5
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    base_lr: float = 1e-3  # hard-coded in the reference
 
 
 CONFIGS = {  # name: (config overrides, dtype, tolerance)
@@ -67,7 +68,7 @@ def make(name, seed=0):
         for n, p in mix.named_parameters():
             if n not in ("w1", "w0", "w2") and "w_left" not in n and "w_right" not in n:
                 p.add_(0.2 * torch.randn_like(p))
-        mix.lr_proj.bias.add_(-inv_softplus(BASE_LR))                  # lr = softplus(bias + noise) ~ 0.7
+        mix.lr_proj.bias.add_(-mix.base_lr_inv)                  # lr = softplus(bias + noise) ~ 0.7
     return mix.to(dtype), dtype, tol
 
 
@@ -116,7 +117,7 @@ def reference_layer(mix, x):
         fq, fk = (heads(rope_ref(unheads(t), mix.theta).reshape(b, s, D)) for t in (fq, fk))
     w0, w1, w2 = (w.repeat(b, 1, 1) for w in mix.initial_weights())
     n0, n1, n2 = (w.norm(dim=2, keepdim=True) for w in (w0, w1, w2))
-    lr = F.softplus(mix.lr_proj(x) + inv_softplus(BASE_LR))
+    lr = F.softplus(mix.lr_proj(x) + inv_softplus(1e-3))  # the reference hard-codes 1e-3
     lr0, lr1, lr2 = heads(lr).chunk(3, dim=-1)
     mom = heads(mix.momentum_proj(x)) if mix.use_momentum else None
     m0, m1, m2 = torch.zeros_like(w0), torch.zeros_like(w1), torch.zeros_like(w2)
@@ -346,7 +347,7 @@ def test_state_dict_names_and_shapes_760m():
 def test_init_like_reference_and_bad_config():
     mix = LaCTMixer(Cfg(hidden_size=64, num_lact_heads=2, w0_w2_low_rank=8))
     assert torch.equal(mix.qk_scale, torch.ones(64, 2)) and torch.equal(mix.lr_proj.bias, torch.zeros(6))
-    lr = F.softplus(mix.lr_proj(torch.zeros(1, 64)) + inv_softplus(BASE_LR))
+    lr = F.softplus(mix.lr_proj(torch.zeros(1, 64)) + mix.base_lr_inv)
     # softplus(inv_softplus(x)) in float32: a few roundings; allclose's defaults (rtol 1e-5, atol 1e-8)
     assert torch.allclose(lr, torch.full((1, 6), 1e-3))                 # base lr 1e-3 at init
     w0 = mix.initial_weights()[0]
@@ -361,3 +362,15 @@ def test_init_like_reference_and_bad_config():
         LaCTMixer(Cfg(num_attn_heads=3))
     with pytest.raises(ValueError, match="snapshot positions"):
         mix(torch.randn(1, 4, 64), snapshot_at=torch.tensor([[4]]))
+
+
+def test_fast_weight_memory_needs_a_large_inner_lr_on_16_token_chunks():
+    """study/lact_probe.py's storage probe (README: the toy LaCT): at the reference's base inner lr 1e-3 a 16-token
+    chunk leaves the toy's fast weights recalling its 16 values at chance (1/16); at 1.0 most of them. 64 x 16 = 1024
+    trials: chance's standard error is 0.8 points, so 12% and 50% are far from both sides (measured 6.1% and 78%)."""
+    from model import build_model
+    from study.lact_probe import memory
+    torch.manual_seed(0)
+    mix = build_model("toy-lact").model.layers[0].attn
+    assert memory(mix, 1e-3, 1e-3, 16, 0, batch=64)[0] < 0.12
+    assert memory(mix, 1.0, 1.0, 16, 0, batch=64)[0] > 0.5

@@ -1,4 +1,4 @@
-"""The language model's three entry points agree, for both mixers: full sequence, token-by-token decoding, and
+"""The language model's three entry points agree, for every mixer: full sequence, token-by-token decoding, and
 snapshots after chosen prefixes (values and gradients). fp64, so tolerances are tight (1e-9 absolute)."""
 import pytest
 import torch
@@ -7,6 +7,10 @@ from model import MODEL_PRESETS, FastWeightLM, ModelConfig, build_model, map_mod
 
 TINY = {
     "deltanet": dict(arch="deltanet", vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8),
+    # Gated DeltaNet with every option on: 4 value heads on 2 q/k heads (GVA), beta in (0, 2), the output gate
+    "gated_deltanet": dict(arch="gated_deltanet", vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                           head_dim=8, expand_v=2.0, num_v_heads=4, allow_neg_eigval=True, use_gate=True,
+                           chunk_size=8),
     # LaCT: window 6 and chunk 5 so 23 tokens cross several chunk boundaries and go beyond the window
     "lact": dict(arch="lact", vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attn_heads=2,
                  num_lact_heads=2, window_size=6, lact_chunk_size=5, w0_w2_low_rank=4, rope_theta=100.0),
@@ -17,18 +21,28 @@ TINY = {
 TOL = dict(atol=1e-9, rtol=1e-7)
 
 
+ARCHS = ["deltanet", "gated_deltanet", "lact"]
+# the gated model with every option off as well: one value head per q/k head, beta in (0, 1), no output gate
+GATED_OFF = dict(num_v_heads=2, allow_neg_eigval=False, use_gate=False)
+VARIANTS = [*(pytest.param(a, {}, id=a) for a in ARCHS), pytest.param("gated_deltanet", GATED_OFF, id="gated-off")]
+
+
 def tiny(arch, seed=0, **kw):
     torch.manual_seed(seed)
-    return FastWeightLM(ModelConfig(**{**TINY[arch], **kw})).double()
+    model = FastWeightLM(ModelConfig(**{**TINY[arch], **kw})).double()
+    if arch == "gated_deltanet":  # log-decays per token from -1e-3 to -60 (median -0.1): strong ones too
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.attn.a_proj.weight, std=0.5)
+    return model
 
 
 def ids(B, T, seed=1):
     return torch.randint(0, 61, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["deltanet", "lact"])
-def test_decoding_reproduces_full_sequence(arch):
-    model, x = tiny(arch), ids(2, 23)
+@pytest.mark.parametrize("arch, kw", VARIANTS)
+def test_decoding_reproduces_full_sequence(arch, kw):
+    model, x = tiny(arch, **kw), ids(2, 23)
     full = model(x)
     state, logits, hidden = model.init_state(2), [], []
     for t in range(x.shape[1]):
@@ -47,7 +61,7 @@ def assert_state_close(a, b):
             torch.testing.assert_close(la[name], lb[name], **TOL, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_snapshots_equal_prefix_states(arch):
     model, x = tiny(arch), ids(2, 23)
     pos = torch.tensor([[0, 4, 9, 22], [3, 5, 14, 17]])
@@ -73,7 +87,7 @@ def continuation_loss(model, state, cont, weights):
     return loss
 
 
-@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_snapshot_gradients_equal_prefix_forward_gradients(arch):
     """The point of snapshots: one forward gives every prefix's state AND the same gradient as separate prefixes."""
     model, x = tiny(arch), ids(2, 19)
@@ -102,6 +116,10 @@ def test_parameter_counts_of_the_reference_presets():
     with torch.device("meta"):
         assert build_model("deltanet-1.3b").num_parameters() == 1_365_677_056
         assert build_model("lact-760m").num_parameters() == 797_625_312
+        # per layer: q, k 2 x 1536 x 2048, v and the output gate 2 x 3072 x 2048, o_proj 2048 x 3072, a and b
+        # 2 x 6 x 2048, A_log and dt_bias 2 x 6, convs (1536 + 1536 + 3072) x 4, o_norm 512; MLP 3 x 2048 x 5632,
+        # 2 norms of 2048: 59,822,604; x 21 layers + embeddings and head 2 x 32000 x 2048 + final norm 2048
+        assert build_model("gated-deltanet-1.3b").num_parameters() == 1_387_348_732
 
 
 def lact_reference_keys():
@@ -140,7 +158,7 @@ def test_deltanet_state_dict_names():
 
 
 def test_toy_presets_build_and_run():
-    for name in ("toy-deltanet", "toy-lact"):
+    for name in ("toy-deltanet", "toy-gdn", "toy-lact"):
         model = build_model(name)
         out = model(torch.randint(0, 256, (1, 40)))
         assert out.logits.shape == (1, 40, MODEL_PRESETS[name].vocab_size) and out.logits.dtype == torch.float32
@@ -154,7 +172,7 @@ def test_unknown_arch_and_preset():
         FastWeightLM(ModelConfig(arch="mamba", hidden_size=8, num_hidden_layers=1, vocab_size=5))
 
 
-@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing_with_deferred_snapshots(arch):
     """Recomputing each block in the backward changes nothing, also through snapshots chosen after the pass."""
     x, grads = ids(2, 19), []
@@ -182,13 +200,13 @@ def test_every_output_tensor_is_a_pytree_leaf():
         assert all(id(t) in leaves for t in tensors)
 
 
-@pytest.mark.parametrize("arch", ["deltanet", "lact"])
+@pytest.mark.parametrize("arch, kw", VARIANTS)
 @pytest.mark.parametrize("T", [4, 11])
-def test_multi_token_step_equals_single_steps(arch, T):
+def test_multi_token_step_equals_single_steps(arch, kw, T):
     """model(ids, state=...) over T tokens equals T one-token steps: logits, hidden states, the final state and the
     gradients of a loss on logits and final state, from snapshots. T = 11 crosses chunk boundaries (DeltaNet: one
     chunk of 8 and more, the chunked form; T = 4 takes its recurrent form; LaCT: chunks of 5 with updates inside)."""
-    model, x = tiny(arch), ids(2, 19)
+    model, x = tiny(arch, **kw), ids(2, 19)
     pos = torch.tensor([[2, 12], [6, 3]])
     cont = ids(4, T, seed=3)
     weights = torch.randn(4, T, 61, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -214,3 +232,77 @@ def test_multi_token_step_equals_single_steps(arch, T):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, **TOL, msg=name)
+
+
+def test_gated_deltanet_state_dict_names_and_init():
+    """fla's GatedDeltaNet names and shapes (1.3B recipe); A_log and dt_bias as the spec initialises them, and out
+    of weight decay."""
+    from config import TrainConfig
+    from step import make_optimizer
+    with torch.device("meta"):
+        sd = build_model("gated-deltanet-1.3b").state_dict()
+    shapes = {"q_proj": (1536, 2048), "k_proj": (1536, 2048), "v_proj": (3072, 2048), "a_proj": (6, 2048),
+              "b_proj": (6, 2048), "A_log": (6,), "dt_bias": (6,), "q_conv1d": (1536, 1, 4), "k_conv1d": (1536, 1, 4),
+              "v_conv1d": (3072, 1, 4), "g_proj": (3072, 2048), "o_norm": (512,), "o_proj": (2048, 3072)}
+    for name, shape in shapes.items():
+        key = f"model.layers.20.attn.{name}" + ("" if name in ("A_log", "dt_bias") else ".weight")
+        assert tuple(sd[key].shape) == shape, key
+    assert len(sd) == 3 + 21 * 18
+    model = tiny("gated_deltanet", num_v_heads=64, head_dim=2, expand_v=1.0)   # 64 draws per layer
+    for layer in model.model.layers:
+        A, dt = layer.attn.A_log.exp(), torch.nn.functional.softplus(layer.attn.dt_bias)
+        # A_log and dt_bias were computed in fp32: rounding values <= 7 by 6e-8 relative moves A and dt by < 5e-7
+        assert (A >= 0.01 * (1 - 1e-6)).all() and (A <= 16 * (1 + 1e-6)).all() and A.std() > 3   # U(0.01, 16): sd 4.6
+        assert (dt >= 1e-3 * (1 - 1e-6)).all() and (dt <= 0.1 * (1 + 1e-6)).all() and dt.min() < 0.01 < dt.max()
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(p) in no_decay for n, p in model.named_parameters() if n.endswith(("A_log", "dt_bias")))
+    with pytest.raises(ValueError, match="num_v_heads=3 must be a multiple of num_heads=2"):
+        tiny("gated_deltanet", num_v_heads=3)
+
+
+def test_gated_deltanet_toy_gate_init():
+    """toy-gdn's gate_A_init draws A from its own range out of the same uniform draws, and nothing else changes; every
+    head then keeps >= half of a needle over the 64-token warm-up at init (README: the toy's gate init)."""
+    lo, hi = MODEL_PRESETS["toy-gdn"].gate_A_init
+    fla, toy = (tiny("gated_deltanet", num_v_heads=64, head_dim=2, expand_v=1.0, **kw)
+                for kw in ({}, {"gate_A_init": (lo, hi)}))
+    for (name, a), b in zip(fla.named_parameters(), toy.parameters()):
+        if name.endswith("A_log"):
+            # the same u in U(lo, hi) = lo + (hi - lo) u; fp32 draws and logs: u agrees to ~1e-7, 1e-6 covers it
+            torch.testing.assert_close((b.exp() - lo) / (hi - lo), (a.exp() - 0.01) / 15.99, rtol=0, atol=1e-6)
+            g = -b.exp() * torch.nn.functional.softplus(toy.get_submodule(name[:-6]).dt_bias)
+            assert (64 * g).exp().min() >= 0.5, name
+        else:
+            assert torch.equal(a, b), name
+
+
+
+def test_gated_deltanet_layer_equals_its_equations():
+    """The layer written out from the spec, token by token (fp64, so TOL): convs + SiLU, L2-normalised q and k,
+    g = -exp(A_log) softplus(a_proj x + dt_bias), beta = 2 sigmoid(b_proj x) (allow_neg_eigval), value head j
+    reading q/k head j // 2; S <- exp(g_t) S FIRST, then v' = beta (v - S^T k), S <- S + k v'^T, o = S^T q / sqrt(dk);
+    out = o_proj(rmsnorm(o) * w * silu(g_proj x)). 13 tokens cross a chunk of 8 (the chunked backend runs)."""
+    F = torch.nn.functional
+    attn = tiny("gated_deltanet").model.layers[0].attn
+    x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y, _ = attn(x)
+
+    def conv(proj, c, heads):  # causal depthwise conv (left zero padding), SiLU, split into heads
+        out = F.conv1d(F.pad(proj(x).transpose(1, 2), (3, 0)), c.weight, groups=c.weight.shape[0])
+        return F.silu(out.transpose(1, 2)).view(2, 13, heads, -1)
+    unit = lambda t: t / (t.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    q, k = unit(conv(attn.q_proj, attn.q_conv1d, 2)), unit(conv(attn.k_proj, attn.k_conv1d, 2))   # [2, 13, 2, 8]
+    v = conv(attn.v_proj, attn.v_conv1d, 4)                                                      # [2, 13, 4, 16]
+    g = -attn.A_log.exp() * F.softplus(attn.a_proj(x) + attn.dt_bias)                            # [2, 13, 4]
+    beta = 2 * torch.sigmoid(attn.b_proj(x))
+    S, outs = torch.zeros(2, 4, 8, 16, dtype=torch.float64), []
+    for t in range(13):
+        q_t, k_t = q[:, t, [0, 0, 1, 1]], k[:, t, [0, 0, 1, 1]]                                  # [2, 4, 8]
+        S = S * g[:, t, :, None, None].exp()
+        v_new = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k_t))
+        S = S + k_t[..., :, None] * v_new[..., None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q_t) / 8 ** 0.5)
+    o = torch.stack(outs, 1)                                                                     # [2, 13, 4, 16]
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.o_norm.weight
+    torch.testing.assert_close(y, attn.o_proj((o * F.silu(attn.g_proj(x).view(o.shape))).flatten(2)), **TOL)

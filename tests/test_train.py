@@ -46,7 +46,7 @@ def test_every_preset_is_made_of_real_fields_and_builds_its_model():
         assert model.num_parameters() > 0
 
 
-@pytest.mark.parametrize("preset", ["toy", "toy-lact", "toy-sft"])
+@pytest.mark.parametrize("preset", ["toy", "toy-lact", "toy-sft", "toy-gdn"])
 def test_toy_presets_dry_run(preset, tmp_path):
     code, out, err = run("--preset", preset, f"--out_dir={tmp_path}", "--max_steps=2", *TINY)  # + 1 warm-up step
     assert code == 0, err
@@ -203,6 +203,16 @@ def test_ttt_phase_from_a_parquet(tmp_path):
     assert res["n"] == 2 and 0 <= res["base"] <= 1 and 0 <= res["adapted"] <= 1
 
 
+@pytest.mark.parametrize("phase", ["post", "ttt"])
+def test_gated_deltanet_post_training_and_test_time_training(phase, tmp_path):
+    code, out, err = run("--preset", "toy-gdn", f"--phase={phase}", "--max_steps=1", "--batch_size=2", *PAIRS,
+                         f"--out_dir={tmp_path}")
+    assert code == 0, err
+    res = json.loads((tmp_path / f"{phase}.json").read_text())
+    assert set(res) == ({"before", "after"} if phase == "post" else {"base", "adapted", "n"})
+    assert phase == "ttt" or json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gated_deltanet"
+
+
 @pytest.mark.parametrize("mode", ["snapshot", "reforward"])
 def test_ppo_layout_matches_fused_step(mode):
     """Sampling the whole batch first and re-forwarding per update (the paper's PPO layout) gives the same rollouts,
@@ -224,7 +234,7 @@ def test_ppo_layout_matches_fused_step(mode):
     assert ppo["ntp_loss"] == pytest.approx(fused["ntp_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["toy", "toy-lact"])
+@pytest.mark.parametrize("preset", ["toy", "toy-lact", "toy-gdn"])
 def test_bf16_autocast_dry_run(preset, tmp_path):
     code, out, err = run("--preset", preset, "--dtype=bfloat16", f"--out_dir={tmp_path}", "--max_steps=3", *TINY)
     assert code == 0, err
