@@ -1,12 +1,13 @@
 """Speed checks, measured side by side in one run. Prints `name: value` lines (times in ms, ratios unitless).
 
     python bench.py kernel    # delta rule fwd+bwd: recurrent vs chunked torch (CPU); Triton vs torch (vs fla) on CUDA
-    python bench.py decode    # per-token decoding cost vs context length; LaCT recompute vs incremental
-    python bench.py refine    # NTP step vs REFINE step (snapshot rollouts) vs REFINE (reforward), piece by piece
+    python bench.py decode    # per-token decoding cost at 4K vs 16K context (interleaved); LaCT recompute vs incremental
+    python bench.py refine    # NTP vs REFINE step, piece by piece: B=2 T=2048 (and reforward), the toy preset's B=16 T=256
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
     python bench.py gpu       # one CUDA GPU, < 8 min on an H100: CUDA kernel tests, kernel and 1.3B-step timings
     python bench.py compile   # no GPU: every Triton kernel compiled for sm_80/89/90 in bf16/fp16/fp32, fits or exit 1
     python bench.py kernel refine   # several at once; -h / --help prints this text
+    python bench.py all --readme    # also results/bench.json and the README's Benchmarks table from this run
 """
 import os
 import re
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stdout
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -59,6 +60,12 @@ def delta_inputs(B, T, H, K, V, dtype, device):
     return [t.to(device, dtype).requires_grad_() for t in (q, k, v, beta)]
 
 
+def log_decay(B, T, H, device, low=-0.5):
+    """Gated DeltaNet's g [B, T, H] ~ U(low, 0), fp32 (as the layer makes it), a leaf that takes gradients."""
+    g = torch.rand(B, T, H, generator=torch.Generator(device="cpu").manual_seed(1)) * low
+    return g.to(device).requires_grad_()
+
+
 def fwd_bwd(fn, inputs, **kwargs):
     def run():  # loss = sum(o), plus the sum of the states after the positions when snapshot_at= is given
         o, _, *snaps = fn(*inputs, **kwargs)
@@ -74,6 +81,14 @@ def bench_kernel():
     report("cpu_recurrent_fwd_bwd_ms (B=1 T=4096 H=4 K=V=64 fp32)", rec)
     report("cpu_chunked_fwd_bwd_ms", chk)
     report("recurrent_over_chunked", rec / chk)
+    g, zero = log_decay(1, 4096, 4, "cpu"), torch.zeros(1, 4096, 4, requires_grad=True)  # Gated DeltaNet
+    grec = timeit(fwd_bwd(partial(delta_rule, backend="recurrent", g=g), inputs), repeat=3)
+    gchk = timeit(fwd_bwd(partial(delta_rule, backend="torch", g=g), inputs), repeat=5)
+    chk0 = timeit(fwd_bwd(partial(delta_rule, backend="torch", g=zero), inputs), repeat=5)
+    report("cpu_gated_recurrent_fwd_bwd_ms (the same, g ~ U(-0.5, 0))", grec)
+    report("cpu_gated_chunked_fwd_bwd_ms", gchk)
+    report("gated_recurrent_over_chunked", grec / gchk)
+    report("chunked_gate_cost (g=0 over g=None; g=None runs the operations it ran before the gate)", chk0 / chk)
     if not torch.cuda.is_available():
         report("cuda", "not available: Triton timings skipped")
         return
@@ -83,8 +98,9 @@ def bench_kernel():
 
 def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), repeat=5, n_snapshots=8):
     """Median forward and forward+backward ms of the delta rule per backend (and of fla's chunk_delta_rule when it
-    imports), and forward+backward with n_snapshots snapshots per sequence (REFINE's case). -> {(name, kind): ms}"""
-    inputs = delta_inputs(B, T, H, K, V, dtype, device)
+    imports), forward+backward with n_snapshots snapshots per sequence (REFINE's case) and of the gated rule (Gated
+    DeltaNet, against fla's chunk_gated_delta_rule when it imports). -> {(name, kind): ms}"""
+    inputs, g = delta_inputs(B, T, H, K, V, dtype, device), log_decay(B, T, H, device)
     shape = f"B={B} T={T} H={H} K={K} V={V} {str(dtype).removeprefix('torch.')}"
     paths = {}
     for name in backends:
@@ -95,7 +111,9 @@ def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), r
             report(name, f"cannot run here, skipped: {err}")
     try:
         from fla.ops.delta_rule import chunk_delta_rule  # optional, never a dependency
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         paths["fla"] = chunk_delta_rule
+        fla_gated = lambda q, k, v, beta: chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta)  # fla: g first
     except ImportError:
         report("fla", "not installed: fla comparison skipped")
     positions = torch.linspace(0, T - 1, n_snapshots, device=device).long().expand(B, -1)  # [B, P]
@@ -109,27 +127,40 @@ def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), r
         if name != "fla":
             times[name, "snap"] = timeit(fwd_bwd(fn, inputs, snapshot_at=positions), repeat=repeat)
             report(f"{device}_{name}_fwd_bwd_with_{n_snapshots}_snapshots_ms", times[name, "snap"])
+        times[name, "gated"] = timeit(fwd_bwd(fla_gated if name == "fla" else partial(fn, g=g), inputs), repeat=repeat)
+        report(f"{device}_{name}_gated_fwd_bwd_ms (g ~ U(-0.5, 0))", times[name, "gated"])
     if "torch" in paths and "triton" in paths:
         report("torch_over_triton_fwd_bwd", times["torch", "fwd_bwd"] / times["triton", "fwd_bwd"])
         report("torch_over_triton_fwd_bwd_with_snapshots", times["torch", "snap"] / times["triton", "snap"])
+        report("torch_over_triton_gated_fwd_bwd", times["torch", "gated"] / times["triton", "gated"])
     if "fla" in paths and "triton" in paths:
         report("triton_over_fla_fwd", times["triton", "fwd"] / times["fla", "fwd"])
         report("triton_over_fla_fwd_bwd", times["triton", "fwd_bwd"] / times["fla", "fwd_bwd"])
+        report("triton_over_fla_gated_fwd_bwd", times["triton", "gated"] / times["fla", "gated"])
     return times
 
 
 @torch.no_grad()
-def decode_ms_per_token(model, context, new_tokens=32):
-    """Per-token decoding time after a prefill of `context` tokens."""
-    ids = torch.randint(0, 256, (1, context))
-    _, state = model.prefill(ids)
-    tok = ids[:, -1:]
-
-    def run():
-        s = state
-        for _ in range(new_tokens):
-            s = model.step(tok, s).state
-    return timeit(run, repeat=3) / new_tokens
+def decode_ms_per_token(model, contexts, new_tokens=32, rounds=15):
+    """Per-token decoding time after a prefill of each of `contexts` tokens, measured side by side: every round decodes
+    new_tokens tokens after each context in turn (the order reversed every other round, one untimed round first), so
+    a drift of a shared machine hits all contexts alike. -> ({context: median ms per token}, {context: median over
+    rounds of its ms per token / the first context's in the same round})"""
+    starts = {}
+    for n in contexts:
+        ids = torch.randint(0, 256, (1, n))
+        starts[n] = model.prefill(ids)[1], ids[:, -1:]
+    per_token = {n: [] for n in contexts}
+    for r in range(rounds + 1):
+        for n in (contexts if r % 2 == 0 else contexts[::-1]):
+            s, tok = starts[n]
+            start = clock()
+            for _ in range(new_tokens):
+                s = model.step(tok, s).state
+            if r:
+                per_token[n].append((clock() - start) / new_tokens)
+    ratios = {n: statistics.median(t / t0 for t, t0 in zip(per_token[n], per_token[contexts[0]])) for n in contexts}
+    return {n: statistics.median(t) for n, t in per_token.items()}, ratios
 
 
 def bench_decode():
@@ -137,10 +168,11 @@ def bench_decode():
     torch.manual_seed(0)
     for arch in ("deltanet", "lact"):
         model = build_model(f"toy-{arch}").eval()
-        short, long = decode_ms_per_token(model, 4096), decode_ms_per_token(model, 16384)
-        report(f"decode_ms_per_token_{arch}_4096", short)
-        report(f"decode_ms_per_token_{arch}_16384", long)
-        report(f"decode_growth_{arch}", long / short)
+        ms, growth = decode_ms_per_token(model, (4096, 16384))
+        report(f"decode_ms_per_token_{arch}_4096 (medians of 15 interleaved rounds of 32 tokens)", ms[4096])
+        report(f"decode_ms_per_token_{arch}_16384", ms[16384])
+        report(f"decode_growth_{arch} (the median of the rounds' 16K / 4K ratios)", growth[16384])
+    short = ms[4096]
     ids = torch.randint(0, 256, (1, 4096))  # the toy LaCT, the reference's way: the whole sequence per new token
     recompute = timeit(torch.no_grad()(lambda: model(ids)), repeat=3)
     report("lact_recompute_ms_per_token_4096", recompute)
@@ -202,8 +234,9 @@ PIECES = ("forward", "entropy", "selection", "snapshot_gather", "sampling", "tea
           "rewards_and_losses", "backward", "optimiser")
 
 
-def interleaved_steps(model, batch, kinds, repeat, warmup, tag):
-    """Time train_step for each kind {name: (cfg, use_refine)} on batch [B, T+1], each with its own AdamW, the kinds
+def interleaved_steps(model, batch, kinds, repeat, warmup, tag, answers=None):
+    """Time train_step for each kind {name: (cfg, use_refine)} on batch [B, T+1] (answers [B, T]: the synthetic data's
+    answer targets, or None), each with its own AdamW, the kinds
     interleaved (the order reversed every other round, after `warmup` untimed rounds) so that drifts of a shared
     machine hit all alike; reports `<kind>_step_ms (tag)` and `<kind>_<piece>_ms` lines. A kind out of GPU memory is
     reported and left out. -> {name: medians of step_ms, each of PIECES and `other` (the step minus its pieces), with
@@ -221,7 +254,7 @@ def interleaved_steps(model, batch, kinds, repeat, warmup, tag):
             try:
                 with pieces.active(model, opts[name]):
                     start = clock()
-                    train_step(model, opts[name], batch, cfg, 0, 0, 1, refine)
+                    train_step(model, opts[name], batch, cfg, 0, 0, 1, refine, answers=answers)
                     total = clock() - start
             except torch.cuda.OutOfMemoryError:
                 report(f"{name}_step", "out of memory")
@@ -244,9 +277,14 @@ def interleaved_steps(model, batch, kinds, repeat, warmup, tag):
 
 
 def bench_refine():
-    from config import TrainConfig
+    """NTP vs REFINE steps (snapshot rollouts, and once the official reforward) at two shapes: the toy DeltaNet at
+    B=2, T=2048 (long sequences, few rollout tokens) and the toy preset's own REFINE phase (its model, config and
+    first data batch: B=16, T=256), with train.py's allocator setting."""
+    from config import TrainConfig, parse_args
     from model import build_model
     from step import make_optimizer, train_step
+    from train import keep_freed_memory, load_data, load_model
+    keep_freed_memory()
     torch.manual_seed(0)
     cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
     model = build_model("toy-deltanet")
@@ -266,6 +304,15 @@ def bench_refine():
     report("refine_reforward_step_ms (the official per-prefix re-runs; median of 2 after 1 warm-up)", refw)
     report("snapshot_over_ntp", snap / results["ntp"]["step_ms"])
     report("reforward_over_snapshot", refw / snap)
+    toy = parse_args(["--preset", "toy", "--device=cpu"])
+    model, tok = load_model(toy, torch.device("cpu"))
+    toy = replace(toy, eos_id=tok.eos_id)
+    batch, answers = load_data(toy, tok, toy.seq_len).get_batch(toy.batch_size, with_mask=True)
+    results = interleaved_steps(model, batch, {"toy_ntp": (toy, False), "toy_refine_snapshot": (toy, True)}, 9, 2,
+                                f"the toy preset's REFINE phase: {toy.model}, B={toy.batch_size}, T={toy.seq_len}, "
+                                f"c={toy.n_chunks}, k={toy.rollout_len}, n={toy.n_rollouts}; medians of 9 interleaved "
+                                f"steps after 2 warm-up steps each", answers[:, 1:])
+    report("toy_snapshot_over_ntp", results["toy_refine_snapshot"]["step_ms"] / results["toy_ntp"]["step_ms"])
 
 
 def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, **overrides):
@@ -326,10 +373,12 @@ def bench_gpu():
 GPU_TARGETS = {80: ("A100", 163), 89: ("L40/RTX4090", 99), 90: ("H100/H200", 227)}
 
 
-def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
+def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64,
+                      variants=("plain", "snapshots", "gated", "gated_snapshots")):
     """Every Triton launch of one forward and backward at the 1.3B model's head size, as kernels/ issues them, recorded
     on the CPU instead of run: {(name, variant): (kernel, args, kwargs)}. "plain": NTP; "snapshots": REFINE (fp32
-    chunk states, an initial state, gradients into the final state, the chunk states and the rows of V')."""
+    chunk states, an initial state, gradients into the final state, the chunk states and the rows of V'); "gated",
+    "gated_snapshots": the same two with Gated DeltaNet's log-decay (the GATED kernels)."""
     import triton
     from kernels import triton_delta as td, triton_delta_bwd as tdb
     kernels = {n: f for m in (td, tdb) for n, f in vars(m).items() if n.endswith("_kernel")}
@@ -344,15 +393,16 @@ def recorded_launches(dtype, K=128, V=128, H=16, T=2048, chunk=64):
     with ExitStack() as patches:  # an instance attribute hiding JITFunction.run, deleted on exit
         for name, kernel in kernels.items():
             patches.enter_context(mock.patch.object(kernel, "run", recorder(name, kernel)))
-        for variant in ("plain", "snapshots"):
-            snap = variant == "snapshots"
+        for variant in variants:
+            snap = variant.endswith("snapshots")
             q, k = (torch.empty(1, T, H, K, dtype=dtype) for _ in range(2))  # [B, T, H, K]
             v, beta = torch.empty(1, T, H, V, dtype=dtype), torch.empty(1, T, H, dtype=dtype)
             h0 = torch.empty(1, H, K, V) if snap else None                    # [B, H, K, V] fp32
+            gc = torch.empty(1, T, H) if variant.startswith("gated") else None  # G [B, T, H] fp32
             o, ht, (T_mat, w, h, v_new) = td.chunk_delta_rule_fwd(q, k, v, beta, K ** -0.5, h0, snap, chunk,
-                                                                  torch.float32 if snap else None)
+                                                                  torch.float32 if snap else None, gc)
             tdb.chunk_delta_rule_bwd(q, k, v, beta, K ** -0.5, torch.empty_like(o), ht, T_mat, w, h, v_new, chunk,
-                                     snap, torch.empty_like(h) if snap else None, v_new if snap else None)
+                                     snap, torch.empty_like(h) if snap else None, v_new if snap else None, gc)
     return launches
 
 
@@ -378,8 +428,9 @@ def compile_check(capabilities=tuple(GPU_TARGETS), dtypes=(torch.bfloat16, torch
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
     rows = []
-    for dtype in dtypes:
-        launches, seen = recorded_launches(dtype), {}
+    for dtype in dtypes:  # DeltaNet-1.3B's heads (K = V = 128), and Gated DeltaNet-1.3B's (K = 256, V = 512) gated
+        wide = recorded_launches(dtype, K=256, V=512, H=6, variants=("gated", "gated_snapshots"))
+        launches, seen = {**recorded_launches(dtype), **{(n, v + "_K256_V512"): x for (n, v), x in wide.items()}}, {}
         for sm in capabilities:
             target = GPUTarget("cuda", sm, 32)
             backend = make_backend(target)
@@ -387,9 +438,9 @@ def compile_check(capabilities=tuple(GPU_TARGETS), dtypes=(torch.bfloat16, torch
                 bind = create_function_from_signature(kernel.signature, kernel.params, backend)
                 options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, *bind(*args, **kwargs))
                 c = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target, options=options.__dict__)
-                if variant == "snapshots" and seen.get((sm, name)) == c.hash:
-                    continue  # the same binary as the plain launch (no flag or dtype of this kernel differs)
-                seen[sm, name] = c.hash
+                if variant != "plain" and c.hash in seen.get((sm, name), ()):
+                    continue  # the same binary as an earlier variant's (no flag or dtype of this kernel differs)
+                seen.setdefault((sm, name), set()).add(c.hash)
                 limit = GPU_TARGETS[sm][1] * 1024
                 rows.append((sm, str(dtype).removeprefix("torch."), name, variant, c.metadata.shared, limit,
                              *resource_usage(c), c.metadata.shared <= limit))  # ..., registers, local bytes, fits
@@ -404,10 +455,10 @@ def bench_compile():
         fail(f"bench.py compile: error: triton's NVIDIA backend does not import ({err}); pip install triton", 2)
     start = time.perf_counter()
     rows = compile_check()
-    print(f"{'target':<22} {'dtype':<9} {'kernel':<30} {'variant':<10} {'smem KB':>8} {'limit':>6} {'regs':>5} "
+    print(f"{'target':<22} {'dtype':<9} {'kernel':<30} {'variant':<26} {'smem KB':>8} {'limit':>6} {'regs':>5} "
           f"{'local B':>7}")
     for sm, dtype, name, variant, shared, limit, regs, local, fits in rows:
-        print(f"{f'sm_{sm} {GPU_TARGETS[sm][0]}':<22} {dtype:<9} {name:<30} {variant:<10} {shared / 1024:>8.1f} "
+        print(f"{f'sm_{sm} {GPU_TARGETS[sm][0]}':<22} {dtype:<9} {name:<30} {variant:<26} {shared / 1024:>8.1f} "
               f"{limit // 1024:>6} {regs:>5} {local:>7}{'' if fits else '  DOES NOT FIT'}")
     report("compile_kernels", len(rows))
     report("compile_max_smem_kb_by_target", ", ".join(
@@ -418,10 +469,82 @@ def bench_compile():
         fail("bench.py compile: error: a kernel needs more shared memory than its card has (see above)", 1)
 
 
+# ----------------------------------------------------------------------------------------------- --readme
+
+TARGETS = {"recurrent_over_chunked": ">= 20", "decode_growth_deltanet": "<= 1.25", "decode_growth_lact": "<= 1.25",
+           "lact_recompute_over_incremental": ">= 20", "snapshot_over_ntp": "<= 1.25",
+           "toy_snapshot_over_ntp": "<= 1.3",
+           "reforward_over_snapshot": ">= 4"}   # the README's targets of the ratios
+LINE = re.compile(r"^([A-Za-z0-9_]+)(?: \((.*)\))?: (.*)$")   # report()'s `name (what): value`
+
+
+class Tee:
+    """sys.stdout that also keeps what is written (bench.py --readme)."""
+
+    def __init__(self, out):
+        self.out, self.parts = out, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.out.write(text)
+
+    def flush(self):
+        self.out.flush()
+
+
+def readme_table(run):
+    """The README's Benchmarks block from one run's stored output (results/bench.json: command, date, lines): the
+    machine line, then a row per numeric `name: value` line; the pieces of a `<kind>_step_ms` line (its
+    `<kind>_<piece>_ms` lines) go into that row's description."""
+    rows = [m.groups() for m in map(LINE.match, run["lines"]) if m]       # (name, what or None, value)
+    values = {name: value for name, _, value in rows}
+    kinds = [name.removesuffix("step_ms") for name in values if name.endswith("_step_ms")]   # "ntp_", ...
+    folded = {f"{kind}{piece}_ms" for kind in kinds for piece in (*PIECES, "other")}
+    machine = values.get("machine", "no machine line (bench.py refine prints it)")
+    out = [f"`{run['command']}` on {run['date']}: {machine}.", "", "| `bench.py` line | value | target |",
+           "|---|---|---|"]
+    for name, what, value in rows:
+        if not _number(value) or name in folded:
+            continue
+        about = [what] if what else []
+        kind = name.removesuffix("step_ms")
+        parts = [f"{piece.replace('_', ' ')} {float(values[f'{kind}{piece}_ms']):.0f}" for piece in (*PIECES, "other")
+                 if name.endswith("_step_ms") and f"{kind}{piece}_ms" in values]
+        about += [", ".join(parts) + " ms"] if parts else []
+        out.append(f"| `{name}`" + (f" ({'; '.join(about)})" if about else "") + f" | {float(value):.4g} | "
+                   f"{TARGETS.get(name, '')} |")
+    out += [""] + [f"`{name}`: {value}." for name, _, value in rows if name != "machine" and not _number(value)]
+    return "\n".join(out).strip() + "\n"
+
+
+def _number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def write_readme(argv, lines, path=Path(__file__).resolve().parent):
+    """--readme: store the run's `name: value` lines in results/bench.json and rewrite the README's Benchmarks table
+    between <!-- benchmarks:start --> and <!-- benchmarks:end --> from it."""
+    import json
+    from datetime import datetime, timezone
+
+    from study.report import update_readme
+    run = dict(command=" ".join(["python bench.py", *argv]), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+               lines=[line for line in lines if LINE.match(line)])
+    (path / "results").mkdir(exist_ok=True)
+    (path / "results" / "bench.json").write_text(json.dumps(run, indent=1))
+    if not update_readme(path / "README.md", readme_table(run), "benchmarks"):
+        fail(f"bench.py --readme: error: no <!-- benchmarks:start --> / end lines in {path / 'README.md'}", 1)
+
+
 def main(argv):
     jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine, "gpu": bench_gpu,
             "compile": bench_compile}
-    which = argv or ["all"]
+    readme = "--readme" in argv   # also write results/bench.json and the README's Benchmarks table from this run
+    which = [a for a in argv if a != "--readme"] or ["all"]
     if "-h" in which or "--help" in which:
         print(__doc__.strip())
         return
@@ -431,9 +554,13 @@ def main(argv):
                  f"(--help lists them)", 2)
     if "gpu" in which and not torch.cuda.is_available():
         fail("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU", 2)
-    for name, job in jobs.items():
-        if name in which or ("all" in which and name not in ("gpu", "compile")):
-            job()
+    tee = Tee(sys.stdout)
+    with redirect_stdout(tee) if readme else nullcontext():
+        for name, job in jobs.items():
+            if name in which or ("all" in which and name not in ("gpu", "compile")):
+                job()
+    if readme:
+        write_readme(argv, "".join(tee.parts).splitlines())
 
 
 if __name__ == "__main__":

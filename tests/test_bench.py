@@ -65,6 +65,18 @@ def test_train_step_timing_on_a_toy_model(capsys):
         assert sum(r[p] for p in bench.PIECES) <= 1.5 * r["step_ms"]
 
 
+def test_decode_timing_interleaves_the_contexts():
+    from model import build_model
+    model = build_model("toy-deltanet").eval()
+    calls = []
+    step = model.step
+    model.step = lambda ids, state: calls.append(int(state[0]["pos"][0])) or step(ids, state)
+    ms, ratios = bench.decode_ms_per_token(model, (8, 20), new_tokens=2, rounds=3)
+    assert set(ms) == set(ratios) == {8, 20} and min(ms.values()) > 0 and ratios[8] == 1.0
+    # 4 rounds (one untimed) of 2 tokens per context, the order reversed every other round
+    assert calls == [8, 9, 20, 21, 20, 21, 8, 9, 8, 9, 20, 21, 20, 21, 8, 9]
+
+
 def test_kernel_test_run_reports_the_summary(capsys):
     assert bench.run_kernel_tests(["-k", "rejects_bad_input"])
     assert "kernel_tests: 1 passed" in capsys.readouterr().out
