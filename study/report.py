@@ -1,9 +1,11 @@
-"""The report of reproduce.py: the statistics (mean, standard error, the paired verdict), results.md, niah.png,
-curves.png and the README's short summary between the toy-results markers. Tensors never reach this file: it reads
-the result dicts that reproduce.py collects (results.json)."""
+"""The report of reproduce.py: the statistics (mean, standard error; every verdict from study/verdict.py), results.md,
+niah.png, curves.png and the README's short summary between the toy-results markers. Tensors never reach this file:
+it reads the result dicts that reproduce.py collects (results.json)."""
 import math
+from pathlib import Path
 
 from study import experiments
+from study.verdict import RULE, interval, mean_sd, paired
 
 VARIANTS = ("S", "MK", "MQ", "MV")
 
@@ -14,11 +16,6 @@ def summary(scores):
     mean = sum(scores) / n
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
     return dict(mean=mean, se=sd / math.sqrt(n), n=n)
-
-
-def mean_sd(xs):
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
 def cell(xs):
@@ -33,14 +30,8 @@ def run_avg(result):
 
 
 def verdict(res):
-    """REFINE - SFT on the average NIAH, paired by seed (same base, same documents, same seed)."""
-    pairs = [(run_avg(res["runs"][f"refine-s{s}"]), run_avg(res["runs"][f"sft-s{s}"])) for s in res["seeds"]]
-    diffs = [100 * (r[0] - f[0]) for r, f in pairs]
-    m, sd = mean_sd(diffs)
-    query_se = 100 * math.sqrt(sum(r[1] ** 2 + f[1] ** 2 for r, f in pairs)) / len(pairs)
-    se = max(sd / math.sqrt(len(diffs)), query_se)
-    word = "better than" if m > 2 * se else "worse than" if m < -2 * se else "not distinguishable from"
-    return dict(diffs=diffs, mean=m, sd=sd, se=se, query_se=query_se, word=word)
+    """REFINE - SFT on the average NIAH, paired by seed (same base, same documents, same seed): verdict.paired."""
+    return experiments.compare(res["runs"], res["seeds"], "refine", "sft")
 
 
 def markdown(res):
@@ -78,16 +69,12 @@ def markdown(res):
            "| step | S | MK | MQ | MV | mean |", "|---|---|---|---|---|---|"]
     out += [f"| {h['step']} | " + " | ".join(f"{100 * h[v]:.0f}" for v in VARIANTS) + f" | {100 * h['mean']:.1f} |"
             for h in res["base"]["history"]]
-    out += ["", "## 2. Mid-training: NIAH (percent, mean ± std over seeds; REFINE − SFT paired by seed)", "",
-            "| setting | base | SFT | REFINE | REFINE − SFT |", "|---|---|---|---|---|"]
-    for k in keys + ["average"]:
-        get = (lambda r: run_avg(r)[0]) if k == "average" else (lambda r, k=k: r["niah"][k]["mean"])
-        sft = [get(runs[f"sft-s{s}"]) for s in seeds]
-        ref = [get(runs[f"refine-s{s}"]) for s in seeds]
-        out.append(f"| {k} | {100 * get(res['base_eval']):.1f} | {cell(sft)} | {cell(ref)} | "
-                   f"{cell([r - f for r, f in zip(ref, sft)])} |")
+    out += ["", "## 2. Mid-training: NIAH (percent; REFINE − SFT paired by seed)", ""]
+    out += experiments.comparison(runs, seeds, {"sft": "SFT", "refine": "REFINE"}, res["base_eval"], keys,
+                                  [("refine", "sft")])
     out += ["", "## 3. Validation (held-out documents, T=%d)" % a["mid_seq_len"], "",
-            "| model | NTP loss | next-token acc | answer-value loss |", "|---|---|---|---|",
+            "| model | NTP loss, mean ± sd | next-token acc, mean ± sd | answer-value loss, mean ± sd |",
+            "|---|---|---|---|",
             f"| base | {res['base_eval']['val_loss']:.4f} | {res['base_eval']['val_acc']:.4f} | "
             f"{res['base_eval']['answer_loss']:.4f} |"]
     for obj in ("sft", "refine"):
@@ -103,8 +90,9 @@ def markdown(res):
                    f"{r['train_s']:.0f} |")
     out += ["", f"## 5. Test-time training of the base ({a['n_ttt']} held-out prompts per variant at "
             f"{min(256, max(L))} tokens, {a['ttt_steps']} AdamW steps at lr {a['ttt_lr']} on each prompt, reset "
-            f"after each; percent ± SE)", "",
-            "| variant | no adaptation | NTP only (lambda_RL 0) | REFINE (binary, lambda_RL 0.4) | REFINE − NTP |",
+            f"after each; percent)", "",
+            "| variant | no adaptation, mean ± SE (prompts) | NTP only (lambda_RL 0), mean ± SE | REFINE (binary, "
+            "lambda_RL 0.4), mean ± SE | REFINE − NTP paired by prompt, mean [95% interval]: verdict |",
             "|---|---|---|---|---|"]
     ttt = res["ttt"]
     for v in VARIANTS + ("all",):
@@ -112,17 +100,16 @@ def markdown(res):
             (lambda c, k, v=v: ttt[c]["per_variant"][v][k])
         none, ntp, ref = pick("ntp", "none"), pick("ntp", "adapted"), pick("refine", "adapted")
         s = [summary(x) for x in (none, ntp, ref)]
-        d = summary([r - n for r, n in zip(ref, ntp)])
+        d = paired([100 * (r - n) for r, n in zip(ref, ntp)])
         out.append(f"| {v} | " + " | ".join(f"{100 * x['mean']:.1f} ± {100 * x['se']:.1f}" for x in s) +
-                   f" | {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} |")
+                   f" | {interval(d)}: {d['word']} NTP only |")
     out += ["", "## 6. Verdict", "",
-            f"Average NIAH over the {len(keys)} settings, REFINE − SFT per seed: "
-            + ", ".join(f"{d:+.1f}" for d in ver["diffs"]) + f" points; mean {ver['mean']:+.1f} (standard error "
-            f"{ver['se']:.1f}: the larger of the seed spread {ver['sd']:.1f}/sqrt({len(seeds)}) and the prompt "
-            f"sampling error {ver['query_se']:.1f}; the prompts are the same for both, so the latter is "
-            f"conservative). At this toy scale REFINE mid-training is **{ver['word']}** SFT (threshold: 2 "
-            f"standard errors; {sum(d > 0 for d in ver['diffs'])} of {len(ver['diffs'])} seeds favour REFINE).",
-            "",
+            f"The rule, for this section and every other verdict of this report: {RULE}. The prompts are the same "
+            "for every seed, so the interval covers the seeds' spread, not the draw of the prompts (section 4 gives "
+            "each run's prompt standard error).", "",
+            f"Average NIAH over the {len(keys)} settings, REFINE − SFT "
+            + experiments.verdict_sentence(ver, "REFINE mid-training", "SFT at this toy scale")
+            + f" {sum(d > 0 for d in ver['diffs'])} of {len(ver['diffs'])} seeds favour REFINE.", "",
             "![NIAH](niah.png)", "", "![curves](curves.png)", ""]
     if res.get("ablations"):
         s0 = seeds[0]
@@ -216,53 +203,67 @@ def plot_curves(res, path):
 
 
 def readme_summary(res):
-    """The README's toy-results section: one table, the figures, the verdict in two sentences, a link."""
+    """The README's toy-results section: one table, one verdict per comparison (each its own clause, from
+    verdict.paired), the REFINE signal in one sentence, the figures, a link."""
     runs, seeds, L = res["runs"], res["seeds"], res["lengths"]
-    ver = verdict(res)
     out = [f"`{res['command'].replace('python reproduce.py', 'python -m study.reproduce')}` "
            f"({res['wall_s']['total'] / 60:.0f} min on {res['cpus']} CPU cores): mid-training of one base for "
            f"{res['args']['mid_steps']} steps with SFT and with REFINE, {len(seeds)} seeds; NIAH percent over "
-           f"{res['args']['n_eval']} held-out prompts per setting, averaged over the lengths {', '.join(map(str, L))}"
-           " (mean ± sd over seeds; REFINE − SFT paired by seed).", "",
-           "| variant | base | SFT | REFINE | REFINE − SFT |", "|---|---|---|---|---|"]
+           f"{res['args']['n_eval']} held-out prompts per setting, averaged over the lengths {', '.join(map(str, L))}.",
+           "", "| variant | base | SFT, mean ± sd | REFINE, mean ± sd | REFINE − SFT paired by seed, mean [95% "
+           "interval] |", "|---|---|---|---|---|"]
     for v in VARIANTS + ("average",):
         def get(r, v=v):   # the mean over lengths of one variant, or of everything
             return run_avg(r)[0] if v == "average" else sum(r["niah"][f"{v}@{n}"]["mean"] for n in L) / len(L)
         sft, ref = [get(runs[f"sft-s{s}"]) for s in seeds], [get(runs[f"refine-s{s}"]) for s in seeds]
         out.append(f"| {v} | {100 * get(res['base_eval']):.1f} | {cell(sft)} | {cell(ref)} | "
-                   f"{cell([r - f for r, f in zip(ref, sft)])} |")
-    sentence = [f"REFINE is **{ver['word']}** SFT on this toy: REFINE − SFT {ver['mean']:+.1f} points "
-                f"(standard error {ver['se']:.1f}) on average NIAH"]
+                   f"{interval(paired([100 * (r - f) for r, f in zip(ref, sft)]))} |")
+    comparisons = [("refine", "sft", "REFINE", "SFT", "mid-training (the table)")]
     if "long_base" in res:
-        d = [100 * (experiments.avg(runs[f"long-refine-s{s}"]) - experiments.avg(runs[f"long-sft-s{s}"]))
-             for s in seeds]
-        sentence.append("{:+.1f} (standard error {:.1f}) on a second toy with 3-6-word answers".format(
-            *experiments.mean_se(d)))
-    if f"post-sft-s{seeds[0]}" in runs:
-        for a, b, what in (("post-refine", "post-sft", "in post-training (nested REFINE vs SFT on the answers alone)"),
-                           ("refine-mb4", "sft-mb4", "when both take 4 AdamW steps per batch (PPO mini-batches)")):
-            _, m, se, _ = experiments.paired(runs, seeds, a, b)
-            sentence.append(f"{m:+.1f} (standard error {se:.1f}) {what}")
+        comparisons.append(("long-refine", "long-sft", "REFINE", "SFT", "a second toy with 3-6-word answers"))
+    if f"post-lambda0-s{seeds[0]}" in runs:
+        comparisons.append(("post-refine", "post-lambda0", "nested REFINE", "the same nested loop with lambda_RL 0",
+                            "post-training"))
+    elif f"post-sft-s{seeds[0]}" in runs:   # results of before the lambda_RL 0 control
+        comparisons.append(("post-refine", "post-sft", "nested REFINE", "SFT-only", "post-training (not a "
+                            "controlled comparison: SFT-only takes one AdamW step per batch, on the answers alone)"))
+    if f"refine-mb4-s{seeds[0]}" in runs:
+        comparisons.append(("refine-mb4", "sft-mb4", "REFINE", "SFT", "both with 4 AdamW steps per batch"))
+    out += ["", "One verdict per comparison, on average NIAH paired by seed: the mean difference and its 95% interval "
+            "(Student's t, n - 1 degrees of freedom); \"better\" or \"worse\" only when the interval excludes 0.", ""]
+    for a, b, first, second, where in comparisons:
+        v = experiments.compare(runs, seeds, a, b)
+        out.append(f"- {where}: {first} is **{v['word']}** {second} ({first} − {second} {interval(v)} points, "
+                   f"{v['n']} seeds).")
     second = "Every other number (the base, validation, test-time training, ablations, diagnostics) is in " \
              "[results/results.md](results/results.md)."
     curve = res.get("reward_curves", {}).get(f"refine-only-s{seeds[0]}")
     if curve:
         main = [res["reward_curves"][f"refine-s{s}"] for s in seeds]
-        second = (f"Its NSP term does optimise its own reward: without the NTP term the mean cosine reward rises "
-                  f"from {curve['first']:.2f} to {curve['last']:.2f} while NIAH collapses to "
-                  f"{100 * experiments.avg(runs[f'refine-only-s{seeds[0]}']):.1f}, and with it the reward levels off "
-                  f"after the first steps (mean of the first vs last 50 steps: "
-                  f"{sum(c['first'] for c in main) / len(main):.2f} → {sum(c['last'] for c in main) / len(main):.2f}; "
-                  f"curves below); every other number is in [results/results.md](results/results.md).")
-    return "\n".join(out + ["", ", and ".join(sentence) + ". " + second, "",
-                            "![NIAH](results/niah.png)", "", "![curves](results/curves.png)"]) + "\n"
+        second = (f"Without the NTP term, REFINE's NSP term raises its own mean cosine reward from "
+                  f"{curve['first']:.2f} to {curve['last']:.2f} while NIAH falls to "
+                  f"{100 * experiments.avg(runs[f'refine-only-s{seeds[0]}']):.1f}; with it, the reward of the first "
+                  f"vs last 50 steps is {sum(c['first'] for c in main) / len(main):.2f} → "
+                  f"{sum(c['last'] for c in main) / len(main):.2f} (curves below). " + second)
+    return "\n".join(out + ["", second, "", "![NIAH](results/niah.png)", "", "![curves](results/curves.png)"]) + "\n"
 
 
-def update_readme(path, section, start="<!-- toy-results:start -->", end="<!-- toy-results:end -->"):
-    """Put `section` (readme_summary) between the markers."""
-    text = path.read_text()
+def update_readme(path, section, name="toy-results"):
+    """Put `section` between the lines <!-- name:start --> and <!-- name:end --> of the file at path (the README
+    blocks written by a command: toy-results here, seeds:P by study/seeds.py, benchmarks by bench.py --readme).
+    -> whether the markers were there."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = Path(path).read_text()
     if start not in text or end not in text:
-        return
+        return False
     head, rest = text.split(start, 1)
-    path.write_text(f"{head}{start}\n{section.strip()}\n{end}{rest.split(end, 1)[1]}")
-    print(f"updated the toy results in {path}")
+    Path(path).write_text(f"{head}{start}\n{section.strip()}\n{end}{rest.split(end, 1)[1]}")
+    print(f"updated the {name} block of {path}")
+    return True
+
+
+def readme_block(path, name):
+    """The text between the markers of update_readme (stripped), or None without them."""
+    text = Path(path).read_text()
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    return text.split(start, 1)[1].split(end, 1)[0].strip() if start in text and end in text else None

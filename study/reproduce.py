@@ -1,14 +1,15 @@
 """A toy reproduction of the paper's comparison on a CPU: from one base model that recalls partially, mid-train with
-next-token prediction only (SFT) and with REFINE, 3 seeds each; score RULER-style NIAH at three lengths and the
-validation loss; then test-time training with and without REFINE; then why REFINE lands where it does.
+next-token prediction only (SFT) and with REFINE, 5 seeds each; score RULER-style NIAH at three lengths and the
+validation loss; then test-time training with and without REFINE; then what the REFINE signal does.
 
     python -m study.reproduce --ablations    # everything -> results/ (see the README for its time on 2 CPU cores)
     python -m study.reproduce                # without the ablations (selection modes, reward, k, c)
     python -m study.reproduce --quick        # a smoke run of every stage in about a minute (too small to conclude)
-    python -m study.reproduce --out_dir=out/repro --jobs=2 --seeds=0,1,2 --mid_steps=300 --n_eval=200 --ablations
+    python -m study.reproduce --out_dir=out/repro --jobs=2 --seeds=0,1,2,3,4 --mid_steps=300 --n_eval=200 --ablations
 
 Every training run is train.py itself (train.main with its own --out_dir). Work that the same command left in
---out_dir with the same settings is reused (the bases, finished runs); anything else there is redone.
+--out_dir with the same settings is reused (the bases, finished runs); anything else there is redone. Each run's
+train.py flags are recorded (results.json) with their paths relative to --out_dir.
   1. base: NTP pretraining at T=64, batch 64, answer values weighted 11x (so recall appears within minutes), in
      segments of --base_check steps; after each, mean NIAH@256 over S/MK/MQ/MV is measured and pretraining stops at
      the first check that reaches --base_threshold: a base that recalls PARTIALLY, whatever the seed's timing.
@@ -19,11 +20,14 @@ Every training run is train.py itself (train.main with its own --out_dir). Work 
   4. test-time training of the base on other held-out NIAH prompts, reset after each: REFINE (binary reward,
      lambda_RL 0.4) vs the same number of NTP-only steps (lambda_RL 0) vs no adaptation (evaluate.ttt_evaluate).
   5. experiments.py: a REFINE-only run (no NTP term), a second toy with 3-6-word answers (its base continues the
-     first one; SFT vs REFINE for every seed) and, with --ablations, selection entropy / uniform / answer for every
-     seed, post-training (nested REFINE vs SFT-only), 4 AdamW steps per batch for REFINE and SFT, and REFINE-only
-     with a frozen reward encoder; diagnose.py: where REFINE's positions fall, rewards, advantages, NSP vs NTP gradient norms.
+     first one; SFT vs REFINE for every seed) and, with --ablations, selection entropy / uniform / answer for the
+     first --selection_seeds seeds, post-training (nested REFINE vs nested with lambda_RL 0 vs SFT-only), 4 AdamW
+     steps per batch for REFINE and SFT, and REFINE-only with a frozen reward encoder; diagnose.py: where REFINE's
+     positions fall, rewards, advantages, NSP vs NTP gradient norms.
   6. results.md (tables), results.json (every number), niah.png and curves.png in --results_dir; with the
      default --results_dir also the README's short summary. --report redoes step 6 alone from results.json.
+Every verdict (better / worse / not distinguishable) is study/verdict.py's one rule: the 95% t interval of the mean
+paired difference.
 """
 import argparse
 import json
@@ -75,7 +79,9 @@ def parse(argv):
                    "the README section) from --results_dir/results.json")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each")
     p.add_argument("--model", default="toy-deltanet", choices=("toy-deltanet", "toy-lact"))
-    p.add_argument("--seeds", default="0,1,2", help="mid-training seeds (data order and rollouts)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="mid-training seeds (data order and rollouts)")
+    p.add_argument("--selection_seeds", type=int, default=3, help="--ablations: the uniform and answer-aware "
+                   "selection runs use the first N seeds (the costliest REFINE runs; 3 keeps the study in ~90 min)")
     p.add_argument("--base_metric", default="MK", choices=("mean",) + VARIANTS,
                    help="the recall check: NIAH@256 of one variant, or the mean of all four")
     p.add_argument("--base_threshold", type=float, default=0.35, help="stop the base when the check reaches it")
@@ -108,8 +114,8 @@ def parse(argv):
         for key, value in QUICK.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
-    if args.jobs < 1 or args.mid_steps < 1 or args.n_eval < 1 or args.base_check < 1:
-        p.error("--jobs, --mid_steps, --n_eval and --base_check must be positive")
+    if min(args.jobs, args.mid_steps, args.n_eval, args.base_check, args.selection_seeds) < 1:
+        p.error("--jobs, --mid_steps, --n_eval, --base_check and --selection_seeds must be positive")
     return args
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -154,10 +160,13 @@ def evaluate_model(hf_dir, lengths, n_eval, val_seq_len, val_batches, value_toke
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def run_train(argv, log_path):
-    """train.main(argv) with its output in log_path; RuntimeError when it fails."""
+def run_train(argv, out_dir, log_path):
+    """train.main(argv) with its output in log_path; RuntimeError when it fails. argv's --out_dir and --init_from
+    are recorded relative to the study's out_dir (results.json means the same on every machine): made absolute here."""
+    here = [f"{a.split('=', 1)[0]}={Path(out_dir) / a.split('=', 1)[1]}"
+            if a.startswith(("--out_dir=", "--init_from=")) else a for a in argv]
     with open(log_path, "a") as f, redirect_stdout(f), redirect_stderr(f):
-        code = train.main(argv)
+        code = train.main(here)
     if code != 0:
         raise RuntimeError(f"train.py {' '.join(argv)} failed with status {code}; see {log_path}")
 
@@ -182,10 +191,12 @@ def pretrain_base(args, base_dir, data_args=DATA, value_tokens=2, init_from=None
     --base_threshold / --base_max."""
     threshold = args.base_threshold if threshold is None else threshold
     max_steps = args.base_max if max_steps is None else max_steps
-    argv = ["--preset=toy", f"--model={args.model}", f"--out_dir={base_dir}", "--phase=pretrain", "--objective=sft",
-            "--warmup_steps=0", "--seq_len=64", "--batch_size=64", "--lr=3e-3", "--lr_schedule=constant",
-            "--lr_warmup=50", "--answer_weight=11", "--seed=0", "--eval_examples=0", "--eval_batches=1",
-            "--log_interval=25", *data_args, *OPTIM] + ([f"--init_from={init_from}"] if init_from else [])
+    argv = ["--preset=toy", f"--model={args.model}", f"--out_dir={base_dir.name}", "--phase=pretrain",
+            "--objective=sft", "--warmup_steps=0", "--seq_len=64", "--batch_size=64", "--lr=3e-3",
+            "--lr_schedule=constant", "--lr_warmup=50", "--answer_weight=11", "--seed=0", "--eval_examples=0",
+            "--eval_batches=1", "--log_interval=25", *data_args, *OPTIM]
+    if init_from:   # recorded relative to the study's --out_dir, like --out_dir
+        argv.append(f"--init_from={init_from.relative_to(base_dir.parent)}")
     signature = dict(argv=argv, check=args.base_check, max=max_steps, threshold=threshold,
                      eval=args.base_eval, metric=args.base_metric)
     result = fresh(base_dir, signature)
@@ -196,7 +207,8 @@ def pretrain_base(args, base_dir, data_args=DATA, value_tokens=2, init_from=None
     t0, history, tok, steps = time.time(), [], data.get_tokenizer("word"), 0
     while steps < max_steps:
         steps = min(steps + args.base_check, max_steps)
-        run_train(argv + [f"--max_steps={steps}"] + (["--resume"] if history else []), base_dir / "train.log")
+        run_train(argv + [f"--max_steps={steps}"] + (["--resume"] if history else []), base_dir.parent,
+                  base_dir / "train.log")
         model = load_pretrained(str(base_dir / "hf")).eval()
         acc = {v: sum(niah_scores(model, tok, v, 256, args.base_eval, EVAL_SEED + 10, value_tokens)) /
                   args.base_eval
@@ -227,7 +239,7 @@ def mid_task(argv, run_dir, eval_kw):
     run_dir = Path(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
-    run_train(argv, run_dir / "train.log")
+    run_train(argv, run_dir.parent, run_dir / "train.log")
     t1 = time.time()
     result = dict(evaluate_model(run_dir / "hf", **eval_kw), train_s=t1 - t0, eval_s=time.time() - t1)
     return result
@@ -293,7 +305,7 @@ def run_all(args):
     results, jobs, reused = {}, [], []
     for name, (obj, seed, extra, toy) in runs.items():
         bdir, data_args, kw = toys[toy]
-        argv = mid_argv(args, bdir, out_dir / f"{args.model}-{name}", obj, seed, extra, data_args)
+        argv = mid_argv(args, bdir.relative_to(out_dir), Path(f"{args.model}-{name}"), obj, seed, extra, data_args)
         signature = dict(argv=argv, eval=kw | {"lengths": list(kw["lengths"])},
                          base_steps=(base if toy == "main" else long_base)["steps"])
         done = fresh(out_dir / f"{args.model}-{name}", signature)
@@ -338,7 +350,8 @@ def run_all(args):
     metrics = {name: out_dir / f"{args.model}-{name}" / "metrics.jsonl" for name in runs}
     curves = {name: read_curve(path) for name, path in metrics.items()}
     reward_curves = {name: diagnose.reward_curve(path) for name, path in metrics.items() if runs[name][0] == "refine"}
-    return dict(args=vars(args), seeds=seeds, lengths=list(lengths), base=base, base_eval=outputs["base"],
+    return dict(args=dict(vars(args), results_dir=recorded(args.results_dir)), seeds=seeds, lengths=list(lengths),
+                base=base, base_eval=outputs["base"],
                 runs=results, ttt={"refine": outputs["ttt-refine"], "ntp": outputs["ttt-ntp"]}, curves=curves,
                 long_base=long_base, long_base_eval=outputs["long-base"], long_lengths=list(long_lengths),
                 diagnostics=diag, reward_curves=reward_curves,
@@ -346,6 +359,12 @@ def run_all(args):
                             diagnostics=time.time() - t_pool - t_runs, total=time.time() - t_start),
                 versions=train.versions(), cpus=os.cpu_count(), reused=reused,
                 ablations={f"{name}-s{s0}": extra for name, extra in ABLATIONS.items()} if args.ablations else {})
+
+
+def recorded(path):
+    """A path as results.json records it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def read_curve(path):
