@@ -59,11 +59,14 @@ def test_report_mode_rewrites_the_readme_from_the_json(tmp_path):
         seeds.main(["--report", f"--json={tmp_path / 'none.json'}", f"--readme={readme}"])
 
 
-def test_readme_block_is_what_the_command_writes():
-    stored = ROOT / "results" / "seeds.json"
+@pytest.mark.parametrize("name", ["seeds.json"] + sorted(p.name for p in (ROOT / "results").glob("seeds-*.json")))
+def test_readme_block_is_what_the_command_writes(name):
+    stored = ROOT / "results" / name
     if not stored.exists():
-        pytest.skip("results/seeds.json not generated yet (python -m study.seeds --seeds 0,1,2,3,4,1337)")
-    assert report.readme_block(ROOT / "README.md", "seeds:toy") == seeds.table(json.loads(stored.read_text())).strip()
+        pytest.skip(f"results/{name} not generated yet (python -m study.seeds --seeds 0,1,2,3,4,1337)")
+    res = json.loads(stored.read_text())
+    block = report.readme_block(ROOT / "README.md", "seeds:" + ",".join(res["presets"]))
+    assert block == seeds.table(res).strip()
 
 
 def test_real_runs_each_with_its_log_then_reused(tmp_path):
