@@ -166,8 +166,8 @@ def decode_ms_per_token(model, contexts, new_tokens=32, rounds=15):
 def bench_decode():
     from model import build_model
     torch.manual_seed(0)
-    for arch in ("deltanet", "lact"):
-        model = build_model(f"toy-{arch}").eval()
+    for arch, name in (("deltanet", "toy-deltanet"), ("gdn", "toy-gdn"), ("lact", "toy-lact")):
+        model = build_model(name).eval()
         ms, growth = decode_ms_per_token(model, (4096, 16384))
         report(f"decode_ms_per_token_{arch}_4096 (medians of 15 interleaved rounds of 32 tokens)", ms[4096])
         report(f"decode_ms_per_token_{arch}_16384", ms[16384])
@@ -279,31 +279,33 @@ def interleaved_steps(model, batch, kinds, repeat, warmup, tag, answers=None):
 def bench_refine():
     """NTP vs REFINE steps (snapshot rollouts, and once the official reforward) at two shapes: the toy DeltaNet at
     B=2, T=2048 (long sequences, few rollout tokens) and the toy preset's own REFINE phase (its model, config and
-    first data batch: B=16, T=256), with train.py's allocator setting."""
+    first data batch: B=16, T=256), with train.py's allocator setting; the first shape also for the toy Gated
+    DeltaNet (toy-gdn)."""
     from config import TrainConfig, parse_args
     from model import build_model
     from step import make_optimizer, train_step
     from train import keep_freed_memory, load_data, load_model
     keep_freed_memory()
-    torch.manual_seed(0)
-    cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
-    model = build_model("toy-deltanet")
-    batch = torch.randint(0, 256, (2, 2049))
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
     report("machine", f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU capability "  # timings hang on it
                       f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine_snapshot": (cfg, True)}, 9, 2,
-                                "toy DeltaNet, B=2, T=2048, c=8, k=5, n=1; medians of 9 interleaved steps after 2 "
-                                "warm-up steps each")
-    opt = make_optimizer(model, cfg)
-    refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
-                  repeat=2)
-    snap = results["refine_snapshot"]["step_ms"]
-    report("refine_reforward_step_ms (the official per-prefix re-runs; median of 2 after 1 warm-up)", refw)
-    report("snapshot_over_ntp", snap / results["ntp"]["step_ms"])
-    report("reforward_over_snapshot", refw / snap)
+    cfg = TrainConfig(n_chunks=8, rollout_len=5, n_rollouts=1, batch_size=2, seq_len=2048, eos_id=-1, lr=1e-4)
+    for prefix, name in (("", "toy-deltanet"), ("gdn_", "toy-gdn")):   # the same shape for DeltaNet and Gated DeltaNet
+        torch.manual_seed(0)
+        model = build_model(name)
+        batch = torch.randint(0, 256, (2, 2049))
+        kinds = {f"{prefix}ntp": (cfg, False), f"{prefix}refine_snapshot": (cfg, True)}
+        results = interleaved_steps(model, batch, kinds, 9, 2, f"{name}, B=2, T=2048, c=8, k=5, n=1; medians of 9 interleaved steps after "
+                                    f"2 warm-up steps each")
+        opt = make_optimizer(model, cfg)
+        refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
+                      repeat=2)
+        snap = results[f"{prefix}refine_snapshot"]["step_ms"]
+        report(f"{prefix}refine_reforward_step_ms (the official per-prefix re-runs; median of 2 after 1 warm-up)", refw)
+        report(f"{prefix}snapshot_over_ntp", snap / results[f"{prefix}ntp"]["step_ms"])
+        report(f"{prefix}reforward_over_snapshot", refw / snap)
     toy = parse_args(["--preset", "toy", "--device=cpu"])
     model, tok = load_model(toy, torch.device("cpu"))
     toy = replace(toy, eos_id=tok.eos_id)
@@ -352,7 +354,8 @@ def run_kernel_tests(pytest_args=()):
 
 def bench_gpu():
     """Everything that needs a GPU, in one run; under 8 minutes on an H100-class card: the CUDA bf16 kernel tests,
-    kernel_timings at B=4 T=8192 H=16 K=V=128 bf16 and a DeltaNet-1.3B NTP and REFINE step at 16K tokens."""
+    kernel_timings at B=4 T=8192 H=16 K=V=128 bf16 (the gated rule too) and NTP and REFINE steps of DeltaNet-1.3B and
+    Gated DeltaNet-1.3B at 16K tokens."""
     try:
         from triton import __version__ as triton_version
     except ImportError:
@@ -362,7 +365,8 @@ def bench_gpu():
     report("versions", f"torch {torch.__version__}, triton {triton_version}, cuda {torch.version.cuda}")
     tests_ok = run_kernel_tests()
     kernel_timings(4, 8192, 16, 128, 128, torch.bfloat16, "cuda", repeat=5)
-    bench_train_steps("deltanet-1.3b", 16384, "cuda", repeat=2)
+    for name in ("deltanet-1.3b", "gated-deltanet-1.3b"):
+        bench_train_steps(name, 16384, "cuda", repeat=2)
     report("gpu_bench_total_s", time.perf_counter() - start)
     if not tests_ok:
         fail("bench.py gpu: error: the CUDA kernel tests failed (see above)", 1)
@@ -472,9 +476,10 @@ def bench_compile():
 # ----------------------------------------------------------------------------------------------- --readme
 
 TARGETS = {"recurrent_over_chunked": ">= 20", "gated_recurrent_over_chunked": ">= 20",
-           "decode_growth_deltanet": "<= 1.25", "decode_growth_lact": "<= 1.25",
+           "decode_growth_deltanet": "<= 1.25", "decode_growth_gdn": "<= 1.25", "decode_growth_lact": "<= 1.25",
            "lact_recompute_over_incremental": ">= 20", "snapshot_over_ntp": "<= 1.25",
-           "toy_snapshot_over_ntp": "<= 1.3", "reforward_over_snapshot": ">= 4"}   # the README's targets of the ratios
+           "toy_snapshot_over_ntp": "<= 1.3", "reforward_over_snapshot": ">= 4",
+           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4"}   # the README's targets of the ratios
 LINE = re.compile(r"^([A-Za-z0-9_]+)(?: \((.*)\))?: (.*)$")   # report()'s `name (what): value`
 
 

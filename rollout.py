@@ -45,8 +45,18 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, gen
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
         drop = torch.zeros_like(masked, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         masked = masked.masked_fill(drop, float("-inf"))
-    tokens = torch.multinomial(masked.exp(), 1, generator=generator)[:, 0]         # [N]
+    tokens = draw(masked.exp(), generator)                                          # [N]
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def draw(probs, generator=None):
+    """One index per row of probs [N, V] (>= 0, not necessarily normalised), drawn with probability proportional to
+    it: the inverse CDF at one uniform u per row, the first index whose cumulative mass exceeds u * total. The cumsum
+    is fp64 and u fp32 (u <= 1 - 2^-24), so u * total < total and an index of zero probability is never drawn.
+    (torch.multinomial draws an exponential per entry: [N, V] random numbers where this needs N.)"""
+    cdf = probs.double().cumsum(-1)                                                  # [N, V]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator).double()
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
 def ground_truth(input_ids, hidden, positions, k):

@@ -90,18 +90,23 @@ def states_after(positions, chunk_states, k, v_new, chunk_size, G=None):
     C, T = chunk_size, k.shape[1]
     acc = torch.promote_types(chunk_states.dtype, torch.float32)
     n, r = positions // C, positions % C                                                # chunk, row in it  [B, P]
-    b = torch.arange(B, device=positions.device)[:, None]                              # [B, 1]
     offsets = torch.arange(C, device=positions.device)                                 # [C]
     rows = (n[..., None] * C + offsets).clamp(max=T - 1)                               # token rows of chunk n [B, P, C]
     keep = (offsets <= r[..., None])[..., None, None]                                  # rows <= r  [B, P, C, 1, 1]
+
+    def take(x, idx):  # x[b, idx[b, ...]] for x [B, L, ...]: an index_select of flattened rows, whose backward is an
+        # index_add (advanced indexing's backward, an accumulating index_put, costs ten times more on CPU)
+        flat = idx + x.shape[1] * torch.arange(B, device=idx.device).view(-1, *[1] * (idx.dim() - 1))
+        return x.flatten(0, 1).index_select(0, flat.flatten()).view(*idx.shape, *x.shape[2:])
+
     with torch.autocast(positions.device.type, enabled=False):
-        S_n = chunk_states[b, n].to(acc)                                                # [B, P, H, K, V]
+        S_n = take(chunk_states, n).to(acc)                                             # [B, P, H, K, V]
         if G is not None:  # keep becomes exp(G_r - G_j) on rows j <= r, selected before exp  [B, P, C, H, 1]
-            G_r, G_j = G[b, positions].to(acc), G[b[..., None], rows].to(acc)            # [B, P, H], [B, P, C, H]
+            G_r, G_j = take(G, positions).to(acc), take(G, rows).to(acc)                # [B, P, H], [B, P, C, H]
             keep = torch.where(keep[..., 0], G_r[:, :, None] - G_j, -torch.inf).exp()[..., None]
             S_n = S_n * G_r.exp()[..., None, None]                                      # exp(G_r) S_n
-        K_r = k[b[..., None], rows].to(acc) * keep                                      # K_{n,<=r}  [B, P, C, H, K]
-        V_r = v_new[b[..., None], rows].to(acc)                                         # V'_n       [B, P, C, H, V]
+        K_r = take(k, rows).to(acc) * keep                                              # K_{n,<=r}  [B, P, C, H, K]
+        V_r = take(v_new, rows).to(acc)                                                 # V'_n       [B, P, C, H, V]
         return S_n + torch.einsum("bpchk,bpchv->bphkv", K_r, V_r)                     # S_n + K^T V'
 
 
