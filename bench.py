@@ -73,22 +73,30 @@ def fwd_bwd(fn, inputs, **kwargs):
     return run
 
 
+def side_by_side(slow, fast, rounds=3, fast_repeat=3):
+    """slow() once and fast() fast_repeat times per round, alternating after one untimed call of each, so that a
+    drift of a shared machine hits both alike. -> (median ms of slow, of fast, median over rounds of slow / fast)"""
+    slow(), fast()
+    pairs = [(timeit(slow, repeat=1, warmup=0), timeit(fast, repeat=fast_repeat, warmup=0)) for _ in range(rounds)]
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(a / b for a, b in pairs))
+
+
 def bench_kernel():
     torch.manual_seed(0)
     inputs = delta_inputs(1, 4096, 4, 64, 64, torch.float32, "cpu")
-    rec = timeit(fwd_bwd(partial(delta_rule, backend="recurrent"), inputs), repeat=3)
-    chk = timeit(fwd_bwd(partial(delta_rule, backend="torch"), inputs), repeat=5)
-    report("cpu_recurrent_fwd_bwd_ms (B=1 T=4096 H=4 K=V=64 fp32)", rec)
-    report("cpu_chunked_fwd_bwd_ms", chk)
-    report("recurrent_over_chunked", rec / chk)
     g, zero = log_decay(1, 4096, 4, "cpu"), torch.zeros(1, 4096, 4, requires_grad=True)  # Gated DeltaNet
-    grec = timeit(fwd_bwd(partial(delta_rule, backend="recurrent", g=g), inputs), repeat=3)
-    gchk = timeit(fwd_bwd(partial(delta_rule, backend="torch", g=g), inputs), repeat=5)
-    chk0 = timeit(fwd_bwd(partial(delta_rule, backend="torch", g=zero), inputs), repeat=5)
-    report("cpu_gated_recurrent_fwd_bwd_ms (the same, g ~ U(-0.5, 0))", grec)
-    report("cpu_gated_chunked_fwd_bwd_ms", gchk)
-    report("gated_recurrent_over_chunked", grec / gchk)
-    report("chunked_gate_cost (g=0 over g=None; g=None runs the operations it ran before the gate)", chk0 / chk)
+    for prefix, what, gate in (("", "B=1 T=4096 H=4 K=V=64 fp32", None), ("gated_", "the same, g ~ U(-0.5, 0)", g)):
+        rec, chk, ratio = side_by_side(fwd_bwd(partial(delta_rule, backend="recurrent", g=gate), inputs),
+                                       fwd_bwd(partial(delta_rule, backend="torch", g=gate), inputs))
+        report(f"cpu_{prefix}recurrent_fwd_bwd_ms ({what}; 3 rounds, each the loop once and the chunked form 3 "
+               f"times)", rec)
+        report(f"cpu_{prefix}chunked_fwd_bwd_ms", chk)
+        report(f"{prefix}recurrent_over_chunked (the median of the rounds' ratios)", ratio)
+    chk0, chk, ratio = side_by_side(fwd_bwd(partial(delta_rule, backend="torch", g=zero), inputs),
+                                    fwd_bwd(partial(delta_rule, backend="torch"), inputs), rounds=5, fast_repeat=1)
+    report("chunked_gate_cost (g=0 over g=None, 5 alternating rounds; g=None runs the operations it ran before the "
+           "gate)", ratio)
     if not torch.cuda.is_available():
         report("cuda", "not available: Triton timings skipped")
         return

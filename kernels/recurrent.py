@@ -17,10 +17,9 @@ def delta_rule_step(S, q_t, k_t, v_t, beta_t, g_t=None):
     v_t [B, H, V], beta_t and g_t (log-decay, or None for DeltaNet) [B, H]. Returns (S_t, o_t [B, H, V])."""
     if g_t is not None:
         S = S * g_t.exp()[..., None, None]                                   # S <- exp(g_t) S: the decay comes first
-    # row vectors times S (matmul of [.., 1, K] by [.., K, V]: fewer calls than an einsum, which permutes first)
-    v_new = beta_t[..., None] * (v_t - (k_t[..., None, :] @ S)[..., 0, :])    # v'_t = beta_t (v_t - S^T k_t)
+    v_new = beta_t[..., None] * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))  # v'_t = beta_t (v_t - S^T k_t)
     S = S + k_t[..., :, None] * v_new[..., None, :]                          # S_t = S + k_t v'_t^T
-    return S, (q_t[..., None, :] @ S)[..., 0, :]                             # o_t = S_t^T (scale q_t)
+    return S, torch.einsum("bhkv,bhk->bhv", S, q_t)                          # o_t = S_t^T (scale q_t)
 
 
 def recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, snapshot_at=None,
