@@ -4,7 +4,8 @@
     python bench.py decode    # per-token decoding cost at 4K vs 16K context (interleaved); LaCT recompute vs incremental
     python bench.py refine    # NTP vs REFINE step, piece by piece: B=2 T=2048 (and reforward), the toy preset's B=16 T=256
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
-    python bench.py gpu       # one CUDA GPU, < 8 min on an H100: CUDA kernel tests, kernel and 1.3B-step timings
+    python bench.py gpu       # one CUDA GPU, < 10 min on an H100: kernel tests and timings, 1.3B steps, train.py
+    python bench.py gpu --dry-run --out=DIR   # its every step on the CPU at tiny shapes; DIR: gpu.log, gpu.json
     python bench.py compile   # no GPU: every Triton kernel compiled for sm_80/89/90 in bf16/fp16/fp32, fits or exit 1
     python bench.py kernel refine   # several at once; -h / --help prints this text
     python bench.py all --readme    # also results/bench.json and the README's Benchmarks table from this run
@@ -305,8 +306,8 @@ def bench_refine():
         model = build_model(name)
         batch = torch.randint(0, 256, (2, 2049))
         kinds = {f"{prefix}ntp": (cfg, False), f"{prefix}refine_snapshot": (cfg, True)}
-        results = interleaved_steps(model, batch, kinds, 9, 2, f"{name}, B=2, T=2048, c=8, k=5, n=1; medians of 9 interleaved steps after "
-                                    f"2 warm-up steps each")
+        results = interleaved_steps(model, batch, kinds, 9, 2, f"{name}, B=2, T=2048, c=8, k=5, n=1; medians of 9 "
+                                    f"interleaved steps after 2 warm-up steps each")
         opt = make_optimizer(model, cfg)
         refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
                       repeat=2)
@@ -325,9 +326,10 @@ def bench_refine():
     report("toy_snapshot_over_ntp", results["toy_refine_snapshot"]["step_ms"] / results["toy_ntp"]["step_ms"])
 
 
-def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, **overrides):
+def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", repeat=2, prefix="", **overrides):
     """NTP and REFINE (snapshot rollouts) steps of the model preset on one sequence, with gradient checkpointing and
-    bf16 autocast by default, as the paper's mid-training runs per GPU: breakdown, tokens/s and peak memory."""
+    bf16 autocast by default, as the paper's mid-training runs per GPU: breakdown, tokens/s and peak memory. Every
+    line's name starts with `prefix`."""
     from config import TrainConfig
     from model import build_model
     torch.manual_seed(0)
@@ -336,22 +338,25 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
     cfg = replace(TrainConfig(model=model_name, seq_len=seq_len, batch_size=1, dtype="bfloat16", lr=1e-6, eos_id=-1,
                               gradient_checkpointing=True), **overrides)  # c=8, k=5, n=1 by default
     batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
-    report(f"{model_name}_parameters", model.num_parameters())
-    report("snapshot_delta_backend", resolve_backend(model.config.delta_backend, batch.float()))
-    results = interleaved_steps(model, batch, {"ntp": (cfg, False), "refine": (cfg, True)}, repeat, 1,
+    report(f"{prefix}parameters ({model_name})", model.num_parameters())
+    report(f"{prefix}snapshot_delta_backend", resolve_backend(model.config.delta_backend, batch.float()))
+    results = interleaved_steps(model, batch, {f"{prefix}ntp": (cfg, False), f"{prefix}refine": (cfg, True)}, repeat, 1,
                                 f"{model_name} T={seq_len} {cfg.dtype} checkpointing, medians of {repeat}")
     for name, r in results.items():
         report(f"{name}_tokens_per_s", r["tokens_per_s"])
         if r["peak_mem_gib"] is not None:
             report(f"{name}_peak_mem_gib", r["peak_mem_gib"])
     if len(results) == 2:
-        report("refine_over_ntp_step", results["refine"]["step_ms"] / results["ntp"]["step_ms"])
+        report(f"{prefix}refine_over_ntp_step",
+               results[f"{prefix}refine"]["step_ms"] / results[f"{prefix}ntp"]["step_ms"])
     return results
 
 
-def run_kernel_tests(pytest_args=()):
-    """pytest tests/test_triton_kernel.py in a fresh process (compiled on CUDA); reports its summary. -> passed"""
+def run_kernel_tests(pytest_args=(), interpret=False):
+    """pytest tests/test_triton_kernel.py in a fresh process (compiled on CUDA, or in Triton's interpreter);
+    reports its summary. -> passed"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels where CUDA is
+    env.update({"TRITON_INTERPRET": "1"} if interpret else {})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernel.py", *pytest_args]
     run = subprocess.run(cmd, cwd=Path(__file__).resolve().parent, env=env, capture_output=True, text=True)
     report("kernel_tests", (run.stdout.strip().splitlines() or ["no output"])[-1].strip("= "))
@@ -360,28 +365,101 @@ def run_kernel_tests(pytest_args=()):
     return run.returncode == 0
 
 
-def bench_gpu():
-    """Everything that needs a GPU, in one run; under 8 minutes on an H100-class card: the CUDA bf16 kernel tests,
-    kernel_timings at B=4 T=8192 H=16 K=V=128 bf16 (the gated rule too) and NTP and REFINE steps of DeltaNet-1.3B and
-    Gated DeltaNet-1.3B at 16K tokens."""
-    try:
-        from triton import __version__ as triton_version
-    except ImportError:
-        triton_version = "not installed (the kernel tests and Triton timings are skipped)"
-    start = time.perf_counter()
-    report("cuda_device", torch.cuda.get_device_name())
+def bench_gpu(dry_run=False, out_dir=None, ruler=None):
+    """Everything that needs a GPU, in one run (under 10 minutes on an H100-class card), step by step:
+    1. the compiled kernel tests (tests/test_triton_kernel.py: forward, backward, snapshots, the gated rule);
+    2. kernel_timings at B=4 T=8192 H=16 K=V=128 bf16, and at Gated DeltaNet-1.3B's heads (H=6, K=256, V=512);
+    3. NTP and REFINE steps of DeltaNet-1.3B, Gated DeltaNet-1.3B and LaCT-760M on one 16K-token sequence;
+    4. train.py itself: 2 steps of deltanet-1.3b-mid (random init, built-in data, 4K tokens), then --resume to step 3;
+       then evaluate.py --task ruler on `ruler` (a RULER parquet file; skipped, with the reason, without one).
+    dry_run: the same steps on the CPU at tiny shapes (toy models, Triton in the interpreter), so that the GPU run
+    can only fail on what only a GPU shows. out_dir: gpu.log and gpu.json (every `name: value` line so far),
+    rewritten after each step, so that a run cut short keeps what it measured. A failing step is reported and the
+    others still run. -> the names of the failed steps"""
+    if dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import, where this process makes it
+    from triton import __version__ as triton_version  # requirements.txt has it; the kernels need it on CUDA
+    device = "cpu" if dry_run else "cuda"
+    start, failed, tee = time.perf_counter(), [], Tee(sys.stdout)
+    report("device", "the CPU (dry run: tiny shapes, Triton in the interpreter)" if dry_run
+           else torch.cuda.get_device_name())
     report("versions", f"torch {torch.__version__}, triton {triton_version}, cuda {torch.version.cuda}")
-    tests_ok = run_kernel_tests()
-    kernel_timings(4, 8192, 16, 128, 128, torch.bfloat16, "cuda", repeat=5)
-    for name in ("deltanet-1.3b", "gated-deltanet-1.3b"):
-        bench_train_steps(name, 16384, "cuda", repeat=2)
-    report("gpu_bench_total_s", time.perf_counter() - start)
-    if not tests_ok:
-        fail("bench.py gpu: error: the CUDA kernel tests failed (see above)", 1)
+    models = [("deltanet-1.3b", "toy-deltanet", "deltanet_"), ("gated-deltanet-1.3b", "toy-gdn", "gdn_"),
+              ("lact-760m", "toy-lact", "lact_")]
+    shapes = [((1, 40, 2, 16, 16), torch.float32)] if dry_run else [((4, 8192, 16, 128, 128), torch.bfloat16),
+                                                                   ((1, 16384, 6, 256, 512), torch.bfloat16)]
+    train = ["--preset", "deltanet-1.3b-mid", "--data=synthetic", "--tokenizer=word", "--seq_len=4096",
+             "--batch_size=4", "--ppo_mini_batch=2", "--eval_examples=4", "--eval_lengths=4096"]
+    if dry_run:
+        train = ["--preset", "toy", "--device=cpu", "--warmup_steps=0", "--seq_len=64", "--batch_size=2",
+                 "--eval_examples=2", "--eval_lengths=64"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "train"
+
+        def kernel_tests():
+            if not run_kernel_tests(["-k", "single_token or (gated and edges and strong)"] if dry_run else [],
+                                    interpret=dry_run):
+                raise RuntimeError("kernel tests failed (see above)")
+
+        def train_and_resume():
+            for n, extra in ((2, []), (3, ["--resume"])):
+                run_script("train.py", *train, f"--out_dir={ckpt}", f"--max_steps={n}", *extra)
+
+        def ruler_qa():
+            if ruler is None:
+                return report("ruler", "skipped: no --ruler=FILE given")
+            run_script("evaluate.py", "--ckpt", str(ckpt), "--task", "ruler", "--data", ruler, "--limit",
+                       "2" if dry_run else "20", "--device", device)
+
+        steps = {"kernel_tests": kernel_tests,
+                 "kernel_timings": lambda: [kernel_timings(*shape, dtype, device, repeat=1 if dry_run else 5)
+                                            for shape, dtype in shapes],
+                 "train_steps": lambda: [bench_train_steps(toy if dry_run else name, 64 if dry_run else 16384, device,
+                                                           repeat=1 if dry_run else 2, prefix=prefix)
+                                         for name, toy, prefix in models],
+                 "train_and_resume": train_and_resume, "ruler": ruler_qa}
+        with redirect_stdout(tee):
+            for name, step in steps.items():
+                try:
+                    step()
+                except Exception as err:  # noqa: BLE001  the others still run; the error is the step's result
+                    report(f"{name}_failed", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    failed.append(name)
+                if out_dir:
+                    write_run(Path(out_dir), "gpu", "".join(tee.parts))
+            report("gpu_bench_total_s", time.perf_counter() - start)
+    if out_dir:
+        write_run(Path(out_dir), "gpu", "".join(tee.parts))
+    return failed
 
 
-# ------------------------------------------------------------------------------------------ compile check (no GPU)
-# CUDA targets: compute capability -> (cards, the most shared memory one block may use in KB: the opt-in maximum)
+def run_script(script, *args):
+    """python script args in a fresh process from the repository root; its exit status and its last `step` line
+    (else its last line) are reported, and a non-zero exit raises with its last line."""
+    run = subprocess.run([sys.executable, script, *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                         text=True)
+    lines = run.stdout.strip().splitlines() or run.stderr.strip().splitlines() or ["no output"]
+    last = next((line for line in lines[::-1] if line.startswith("step ")), lines[-1]) if not run.returncode \
+        else (run.stderr.strip().splitlines() or lines)[-1]
+    report(f"{Path(script).stem}_{'_'.join(a.lstrip('-') for a in args if a in ('--resume', 'ruler'))}".strip("_"),
+           f"exit {run.returncode}: {last}")
+    if run.returncode:
+        print(run.stderr[-2000:], file=sys.stderr)
+        raise RuntimeError(f"{script} exited {run.returncode}: {last}")
+
+
+def write_run(out, name, text):
+    """out/<name>.log (everything printed) and out/<name>.json (its `name: value` lines as a dict), each written to
+    a temporary file first and renamed: a killed run leaves the previous complete pair."""
+    import json
+    out.mkdir(parents=True, exist_ok=True)
+    values = {m[1]: m[3] for m in map(LINE.match, text.splitlines()) if m}
+    for suffix, content in (("log", text), ("json", json.dumps(values, indent=1))):
+        tmp = out / f".{name}.{suffix}.tmp"
+        tmp.write_text(content)
+        tmp.replace(out / f"{name}.{suffix}")
+
+
 GPU_TARGETS = {80: ("A100", 163), 89: ("L40/RTX4090", 99), 90: ("H100/H200", 227)}
 
 
@@ -487,7 +565,7 @@ TARGETS = {"recurrent_over_chunked": ">= 20", "gated_recurrent_over_chunked": ">
            "decode_growth_deltanet": "<= 1.25", "decode_growth_gdn": "<= 1.25", "decode_growth_lact": "<= 1.25",
            "lact_recompute_over_incremental": ">= 20", "snapshot_over_ntp": "<= 1.25",
            "toy_snapshot_over_ntp": "<= 1.3", "reforward_over_snapshot": ">= 4",
-           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4"}   # the README's targets of the ratios
+           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4"}   # the README's ratio targets
 LINE = re.compile(r"^([A-Za-z0-9_]+)(?: \((.*)\))?: (.*)$")   # report()'s `name (what): value`
 
 
@@ -556,8 +634,14 @@ def write_readme(argv, lines, path=Path(__file__).resolve().parent):
 def main(argv):
     jobs = {"kernel": bench_kernel, "decode": bench_decode, "refine": bench_refine, "gpu": bench_gpu,
             "compile": bench_compile}
-    readme = "--readme" in argv   # also write results/bench.json and the README's Benchmarks table from this run
-    which = [a for a in argv if a != "--readme"] or ["all"]
+    options = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith("--") and a not in ("--help",)}
+    for key in options:
+        if key not in ("--readme", "--dry-run", "--out", "--ruler"):
+            fail(f"bench.py: error: unknown option {key}; the options are --readme, and with gpu --dry-run, --out=DIR "
+                 f"and --ruler=FILE (--help)", 2)
+    readme = "--readme" in options   # also write results/bench.json and the README's Benchmarks table from this run
+    dry_run = "--dry-run" in options
+    which = [a for a in argv if not a.startswith("--") or a == "--help"] or ["all"]
     if "-h" in which or "--help" in which:
         print(__doc__.strip())
         return
@@ -565,12 +649,17 @@ def main(argv):
         if name not in (*jobs, "all"):
             fail(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu or compile "
                  f"(--help lists them)", 2)
-    if "gpu" in which and not torch.cuda.is_available():
-        fail("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU", 2)
+    if "gpu" in which and not dry_run and not torch.cuda.is_available():
+        fail("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU (or "
+             "--dry-run: every step on the CPU at tiny shapes)", 2)
     tee = Tee(sys.stdout)
     with redirect_stdout(tee) if readme else nullcontext():
         for name, job in jobs.items():
-            if name in which or ("all" in which and name not in ("gpu", "compile")):
+            if name == "gpu" and "gpu" in which:
+                failed = bench_gpu(dry_run, options.get("--out") or None, options.get("--ruler") or None)
+                if failed:
+                    fail(f"bench.py gpu: error: these steps failed: {', '.join(failed)} (see above)", 1)
+            elif name in which or ("all" in which and name not in ("gpu", "compile")):
                 job()
     if readme:
         write_readme(argv, "".join(tee.parts).splitlines())

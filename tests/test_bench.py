@@ -80,3 +80,22 @@ def test_decode_timing_interleaves_the_contexts():
 def test_kernel_test_run_reports_the_summary(capsys):
     assert bench.run_kernel_tests(["-k", "rejects_bad_input"])
     assert "kernel_tests: 1 passed" in capsys.readouterr().out
+
+
+def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
+    """`bench.py gpu --dry-run`: the GPU run's every step at tiny shapes on the CPU (the kernel tests in Triton's
+    interpreter, kernel timings, NTP/REFINE steps of the three model families, train.py and its --resume, evaluate.py
+    on a RULER file), its figures in --out; a failing step (here a RULER file that does not exist) is reported, the
+    others still run, and the exit status is 1."""
+    run = run_bench("gpu", "--dry-run", f"--out={tmp_path}", f"--ruler={tmp_path / 'missing.parquet'}")
+    assert run.returncode == 1 and "these steps failed: ruler" in run.stderr, run.stderr[-2000:]
+    import json
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert (tmp_path / "gpu.log").read_text().count("\n") > 20
+    assert [key for key in figures if key.endswith("_failed")] == ["ruler_failed"]
+    assert "passed" in figures["kernel_tests"] and "failed" not in figures["kernel_tests"]
+    assert float(figures["cpu_triton_gated_fwd_bwd_ms"]) > 0       # the interpreter ran the gated kernels
+    for family in ("deltanet", "gdn", "lact"):
+        assert float(figures[f"{family}_refine_tokens_per_s"]) > 0, family
+    assert figures["train"].startswith("exit 0: step     2/2") and figures["train_resume"].startswith("exit 0: step "
+                                                                                                         "    3/3")
