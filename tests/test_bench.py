@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
+from benchmarks import cpu, gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_gpu_benchmark_without_cuda_exits_2_with_one_line():
 
 
 def test_kernel_timings_on_toy_sizes(capsys):
-    times = bench.kernel_timings(1, 40, 2, 16, 16, torch.float32, "cpu", backends=("torch", "recurrent"),
+    times = cpu.kernel_timings(1, 40, 2, 16, 16, torch.float32, "cpu", backends=("torch", "recurrent"),
                                  repeat=1, n_snapshots=3)
     out = capsys.readouterr().out
     for name in ("torch", "recurrent"):
@@ -50,7 +50,7 @@ def test_kernel_timings_on_toy_sizes(capsys):
 
 
 def test_train_step_timing_on_a_toy_model(capsys):
-    results = bench.bench_train_steps("toy-deltanet", seq_len=48, device="cpu", repeat=1, dtype="float32",
+    results = gpu.bench_train_steps("toy-deltanet", seq_len=48, device="cpu", repeat=1, dtype="float32",
                                       n_chunks=2, rollout_len=2, margin=2)
     out = capsys.readouterr().out
     for name in ("ntp", "refine"):
@@ -62,7 +62,7 @@ def test_train_step_timing_on_a_toy_model(capsys):
         assert results["refine"][piece] > 0 and f"refine_{piece}_ms:" in out, piece
     assert results["ntp"]["sampling"] == 0 and "ntp_sampling_ms:" not in out
     for r in results.values():  # a median of differences of sums: close to the step, not exactly it
-        assert sum(r[p] for p in bench.PIECES) <= 1.5 * r["step_ms"]
+        assert sum(r[p] for p in cpu.PIECES) <= 1.5 * r["step_ms"]
 
 
 def test_decode_timing_interleaves_the_contexts():
@@ -71,14 +71,14 @@ def test_decode_timing_interleaves_the_contexts():
     calls = []
     step = model.step
     model.step = lambda ids, state: calls.append(int(state[0]["pos"][0])) or step(ids, state)
-    ms, ratios = bench.decode_ms_per_token(model, (8, 20), new_tokens=2, rounds=3)
+    ms, ratios = cpu.decode_ms_per_token(model, (8, 20), new_tokens=2, rounds=3)
     assert set(ms) == set(ratios) == {8, 20} and min(ms.values()) > 0 and ratios[8] == 1.0
     # 4 rounds (one untimed) of 2 tokens per context, the order reversed every other round
     assert calls == [8, 9, 20, 21, 20, 21, 8, 9, 8, 9, 20, 21, 20, 21, 8, 9]
 
 
 def test_kernel_test_run_reports_the_summary(capsys):
-    assert bench.run_kernel_tests(["-k", "rejects_bad_input"])
+    assert gpu.run_kernel_tests(["-k", "rejects_bad_input"])
     assert "kernel_tests: 1 passed" in capsys.readouterr().out
 
 

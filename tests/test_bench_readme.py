@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import bench
+from benchmarks import readme
 from study import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ LINES = ["machine: a test CPU, 2 cores, torch 2.13.0+cpu CPU capability AVX512, 
 
 
 def test_table_from_one_run():
-    table = bench.readme_table(dict(command="python bench.py all --readme", date="2026-12-04", lines=LINES))
+    table = readme.readme_table(dict(command="python bench.py all --readme", date="2026-12-04", lines=LINES))
     assert table.startswith("`python bench.py all --readme` on 2026-12-04: a test CPU, 2 cores, torch 2.13.0+cpu")
     assert "| `recurrent_over_chunked` | 23.56 | >= 20 |" in table
     assert "| `cpu_recurrent_fwd_bwd_ms` (B=1 T=4096 H=4 K=V=64 fp32) | 4405 |  |" in table
@@ -31,15 +31,15 @@ def test_table_from_one_run():
 
 def test_write_readme_keeps_the_lines_and_rewrites_the_block(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("a\n<!-- benchmarks:start -->\nold\n<!-- benchmarks:end -->\nb\n")
-    tee = bench.Tee(io.StringIO())
+    tee = readme.Tee(io.StringIO())
     print("\n".join(LINES + ["not a bench line", "kernel_tests: 3 passed"]), file=tee)
-    bench.write_readme(["all", "--readme"], "".join(tee.parts).splitlines(), tmp_path)
+    readme.write_readme(["all", "--readme"], "".join(tee.parts).splitlines(), tmp_path)
     run = json.loads((tmp_path / "results" / "bench.json").read_text())
     assert run["command"] == "python bench.py all --readme" and "not a bench line" not in run["lines"]
-    assert report.readme_block(tmp_path / "README.md", "benchmarks") == bench.readme_table(run).strip()
+    assert report.readme_block(tmp_path / "README.md", "benchmarks") == readme.readme_table(run).strip()
     (tmp_path / "README.md").write_text("no markers\n")
     with pytest.raises(SystemExit):
-        bench.write_readme(["all", "--readme"], LINES, tmp_path)
+        readme.write_readme(["all", "--readme"], LINES, tmp_path)
 
 
 def test_readme_block_is_what_the_command_writes():
@@ -47,4 +47,4 @@ def test_readme_block_is_what_the_command_writes():
     if not stored.exists():
         pytest.skip("results/bench.json not generated yet (python bench.py all --readme, on an idle machine)")
     assert report.readme_block(ROOT / "README.md", "benchmarks") == \
-        bench.readme_table(json.loads(stored.read_text())).strip()
+        readme.readme_table(json.loads(stored.read_text())).strip()

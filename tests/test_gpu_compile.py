@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA backend does not import here")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
-import json, torch, bench
-print(json.dumps(bench.compile_check((89,), (torch.bfloat16, torch.float32))))
+import json, torch
+from benchmarks.gpu import compile_check
+print(json.dumps(compile_check((89,), (torch.bfloat16, torch.float32))))
 """
 
 

@@ -9,10 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def project_imports():
-    """{module: set of project modules it imports}. A package (kernels/, study/, course/) is the node "kernels" (its
+    """{module: set of project modules it imports}. A package (kernels/, study/, course/, benchmarks/) is a node (its
     __init__) and each of its files a node of its own ("kernels.chunked"); importing "kernels.x" also runs "kernels"."""
     files = {p.stem: p for p in ROOT.glob("*.py")}
-    for pkg in ("kernels", "study", "course"):
+    for pkg in ("kernels", "study", "course", "benchmarks"):
         files |= {pkg if p.stem == "__init__" else f"{pkg}.{p.stem}": p for p in (ROOT / pkg).glob("*.py")}
     prefixes = lambda dotted: {".".join(dotted.split(".")[:i]) for i in range(1, dotted.count(".") + 2)}
     graph = {}

@@ -1,0 +1,76 @@
+"""`bench.py --readme`: the README's Benchmarks table (and results/bench.json) from one run's `name: value` lines."""
+import re
+import sys
+
+from benchmarks.common import ROOT, fail
+from benchmarks.cpu import PIECES
+
+
+TARGETS = {"recurrent_over_chunked": ">= 20", "gated_recurrent_over_chunked": ">= 20",
+           "decode_growth_deltanet": "<= 1.25", "decode_growth_gdn": "<= 1.25", "decode_growth_lact": "<= 1.25",
+           "lact_recompute_over_incremental": ">= 20", "snapshot_over_ntp": "<= 1.25",
+           "toy_snapshot_over_ntp": "<= 1.3", "reforward_over_snapshot": ">= 4",
+           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4"}   # the README's ratio targets
+LINE = re.compile(r"^([A-Za-z0-9_]+)(?: \((.*)\))?: (.*)$")   # report()'s `name (what): value`
+
+
+class Tee:
+    """sys.stdout that also keeps what is written (bench.py --readme)."""
+
+    def __init__(self, out):
+        self.out, self.parts = out, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.out.write(text)
+
+    def flush(self):
+        self.out.flush()
+
+
+def readme_table(run):
+    """The README's Benchmarks block from one run's stored output (results/bench.json: command, date, lines): the
+    machine line, then a row per numeric `name: value` line; the pieces of a `<kind>_step_ms` line (its
+    `<kind>_<piece>_ms` lines) go into that row's description."""
+    rows = [m.groups() for m in map(LINE.match, run["lines"]) if m]       # (name, what or None, value)
+    values = {name: value for name, _, value in rows}
+    kinds = [name.removesuffix("step_ms") for name in values if name.endswith("_step_ms")]   # "ntp_", ...
+    folded = {f"{kind}{piece}_ms" for kind in kinds for piece in (*PIECES, "other")}
+    machine = values.get("machine", "no machine line (bench.py refine prints it)")
+    out = [f"`{run['command']}` on {run['date']}: {machine}.", "", "| `bench.py` line | value | target |",
+           "|---|---|---|"]
+    for name, what, value in rows:
+        if not _number(value) or name in folded:
+            continue
+        about = [what] if what else []
+        kind = name.removesuffix("step_ms")
+        parts = [f"{piece.replace('_', ' ')} {float(values[f'{kind}{piece}_ms']):.0f}" for piece in (*PIECES, "other")
+                 if name.endswith("_step_ms") and f"{kind}{piece}_ms" in values]
+        about += [", ".join(parts) + " ms"] if parts else []
+        out.append(f"| `{name}`" + (f" ({'; '.join(about)})" if about else "") + f" | {float(value):.4g} | "
+                   f"{TARGETS.get(name, '')} |")
+    out += [""] + [f"`{name}`: {value}." for name, _, value in rows if name != "machine" and not _number(value)]
+    return "\n".join(out).strip() + "\n"
+
+
+def _number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def write_readme(argv, lines, path=ROOT):
+    """--readme: store the run's `name: value` lines in results/bench.json and rewrite the README's Benchmarks table
+    between <!-- benchmarks:start --> and <!-- benchmarks:end --> from it."""
+    import json
+    from datetime import datetime, timezone
+
+    from study.report import update_readme
+    run = dict(command=" ".join(["python bench.py", *argv]), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+               lines=[line for line in lines if LINE.match(line)])
+    (path / "results").mkdir(exist_ok=True)
+    (path / "results" / "bench.json").write_text(json.dumps(run, indent=1))
+    if not update_readme(path / "README.md", readme_table(run), "benchmarks"):
+        fail(f"bench.py --readme: error: no <!-- benchmarks:start --> / end lines in {path / 'README.md'}", 1)
