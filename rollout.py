@@ -51,12 +51,15 @@ def sample_token(logits, temperature=1.0, top_p=1.0, top_k=0, suppress=None, gen
 
 def draw(probs, generator=None):
     """One index per row of probs [N, V] (>= 0, not necessarily normalised), drawn with probability proportional to
-    it: the inverse CDF at one uniform u per row, the first index whose cumulative mass exceeds u * total. The cumsum
-    is fp64 and u fp32 (u <= 1 - 2^-24), so u * total < total and an index of zero probability is never drawn.
-    (torch.multinomial draws an exponential per entry: [N, V] random numbers where this needs N.)"""
-    cdf = probs.double().cumsum(-1)                                                  # [N, V]
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator).double()
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    it: the inverse CDF at one uniform u per row, the first index whose cumulative mass exceeds u * total, an index
+    where the cumsum rises (a positive probability). The cumsum is fp64 (fp32 on MPS, which has no fp64); should
+    rounding make u * total reach the total, the last index of positive probability is taken, so an index of zero
+    probability is never drawn. (torch.multinomial draws an exponential per entry: [N, V] random numbers for N.)"""
+    acc = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(acc).cumsum(-1)                                                   # [N, V]
+    total = cdf[:, -1:].contiguous()                                                 # [N, 1]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator).to(acc)
+    return torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))[:, 0]
 
 
 def ground_truth(input_ids, hidden, positions, k):

@@ -95,14 +95,14 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
                 raise RuntimeError("kernel tests failed (see above)")
 
         def train_and_resume():
-            for n, extra in ((2, []), (3, ["--resume"])):
-                run_script("train.py", *train, f"--out_dir={ckpt}", f"--max_steps={n}", *extra)
+            for name, n, extra in (("train", 2, []), ("train_resume", 3, ["--resume"])):
+                run_script(name, "train.py", *train, f"--out_dir={ckpt}", f"--max_steps={n}", *extra)
 
         def ruler_qa():
             if ruler is None:
                 return report("ruler", "skipped: no --ruler=FILE given")
-            run_script("evaluate.py", "--ckpt", str(ckpt), "--task", "ruler", "--data", ruler, "--limit",
-                       "2" if dry_run else "20", "--device", device)
+            run_script("evaluate_ruler", "evaluate.py", "--ckpt", str(ckpt), "--task", "ruler", "--data", ruler,
+                       "--limit", "2" if dry_run else "20", "--device", device)
 
         steps = {"kernel_tests": kernel_tests,
                  "kernel_timings": lambda: [kernel_timings(*shape, dtype, device, repeat=1 if dry_run else 5)
@@ -126,16 +126,14 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     return failed
 
 
-def run_script(script, *args):
-    """python script args in a fresh process from the repository root; its exit status and its last `step` line
-    (else its last line) are reported, and a non-zero exit raises with its last line."""
-    run = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
-                         text=True)
+def run_script(name, script, *args):
+    """python script args in a fresh process from the repository root; reported as `name: exit N: line`, the line
+    its last `step` line (else its last line) or, on failure, its last error line, which a non-zero exit raises."""
+    run = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
     lines = run.stdout.strip().splitlines() or run.stderr.strip().splitlines() or ["no output"]
     last = next((line for line in lines[::-1] if line.startswith("step ")), lines[-1]) if not run.returncode \
         else (run.stderr.strip().splitlines() or lines)[-1]
-    report(f"{Path(script).stem}_{'_'.join(a.lstrip('-') for a in args if a in ('--resume', 'ruler'))}".strip("_"),
-           f"exit {run.returncode}: {last}")
+    report(name, f"exit {run.returncode}: {last}")
     if run.returncode:
         print(run.stderr[-2000:], file=sys.stderr)
         raise RuntimeError(f"{script} exited {run.returncode}: {last}")
