@@ -62,6 +62,12 @@ def draw(probs, generator=None):
     return torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))[:, 0]
 
 
+def rows_per_prefix(x, n):
+    """x [G, ...] -> [G * n, ...], row g repeated n times (row i continues prefix i // n); x itself when n == 1 (no
+    copy of the snapshot states, nor of their gradient in the backward)."""
+    return x if n == 1 else x.repeat_interleave(n, 0)
+
+
 def ground_truth(input_ids, hidden, positions, k):
     """input_ids [B, T], hidden [B, T, D], positions [B, c] -> (gt tokens [G, k], h_gt [G, k, D])."""
     idx = (positions[:, :, None] + 1 + torch.arange(k, device=positions.device)).flatten(1)    # [B, c*k]
@@ -75,8 +81,8 @@ def sample_from_snapshots(model, out, input_ids, k, n=1, temperature=1.0, top_p=
                           generator=None):
     """out: LMOutput of model(input_ids, snapshot_at=...) with .snapshots and .positions [B, c].
     Samples n continuations of k tokens per prefix by incremental decoding from the detached snapshots."""
-    state = map_model_state(lambda s: s.detach().repeat_interleave(n, 0), out.snapshots)
-    logits = out.snapshot_logits.detach().repeat_interleave(n, 0)                                 # [N, V]
+    state = map_model_state(lambda s: rows_per_prefix(s.detach(), n), out.snapshots)
+    logits = rows_per_prefix(out.snapshot_logits.detach(), n)                                    # [N, V]
     tokens, logps, hiddens = [], [], []
     for _ in range(k):
         tok, lp = sample_token(logits, temperature, top_p, top_k, eos_id, generator)
@@ -94,8 +100,8 @@ def logprobs_from_snapshots(model, out, tokens, n=1, temperature=1.0):
     """Teacher-forced log-probs [N, k] of `tokens` [N, k] from the (differentiable) snapshots of `out`: the first
     token from the full pass's logits (out.snapshot_logits), the others from one model call over the first k-1
     tokens from the snapshots (equal to k-1 decoding steps). Gradients reach the whole forward."""
-    state = map_model_state(lambda s: s.repeat_interleave(n, 0), out.snapshots)
-    logits = out.snapshot_logits.repeat_interleave(n, 0)[:, None]                                 # [N, 1, V]
+    state = map_model_state(lambda s: rows_per_prefix(s, n), out.snapshots)
+    logits = rows_per_prefix(out.snapshot_logits, n)[:, None]                                    # [N, 1, V]
     if tokens.shape[1] > 1:
         logits = torch.cat([logits, model(tokens[:, :-1], state=state).logits], 1)             # [N, k, V]
     return F.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, :, None])[..., 0]
@@ -107,7 +113,7 @@ def encode_rollouts(model, input_ids, ro):
     [G, k, D]) fp32: the true continuations from one pass over input_ids [B, T] with snapshots at ro.positions, the
     rollout tokens teacher-forced from those snapshots."""
     out = model(input_ids, snapshot_at=ro.positions)
-    state = map_model_state(lambda s: s.repeat_interleave(ro.n, 0), out.snapshots)
+    state = map_model_state(lambda s: rows_per_prefix(s, ro.n), out.snapshots)
     h_gt = ground_truth(input_ids, out.hidden, ro.positions, ro.tokens.shape[1])[1]
     return model(ro.tokens, state=state).hidden.float(), h_gt.float()
 

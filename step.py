@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from grpo import default_normaliser, ntp_loss, refine_loss, rollout_advantages, zero_std_fraction
 from reward import compute_reward
-from rollout import collect_rollouts, encode_rollouts
+from rollout import collect_rollouts, encode_rollouts, rows_per_prefix
 
 
 def make_optimizer(model, cfg):
@@ -81,8 +81,8 @@ def train_step(model, opt, batch, cfg, step, rank, world, use_refine, lengths=No
         out, ro = collect_rollouts(model, x_all[j:j + micro], cfg, gen, lens, cfg.rollout_mode, allowed)
         n = ro.n
         h_pred, h_gt = (ro.h_pred, ro.h_gt) if encoder is None else encode_rollouts(encoder, x_all[j:j + micro], ro)
-        rewards = compute_reward(cfg.reward, h_pred, h_gt.repeat_interleave(n, 0), ro.tokens,
-                                 ro.gt_tokens.repeat_interleave(n, 0))
+        rewards = compute_reward(cfg.reward, h_pred, rows_per_prefix(h_gt, n), ro.tokens,
+                                 rows_per_prefix(ro.gt_tokens, n))
         stats["rewards"].append(rewards)
         stats["zero_std"].append(zero_std_fraction(rewards.view(-1, cfg.n_chunks * n if cfg.group_by == "sequence"
                                                                 else n)))

@@ -66,7 +66,8 @@ def _chunked(q, k, v, beta, scale, initial_state, output_final_state, chunk_size
         outs.append(q_in[:, :, n] @ S + QK[:, :, n] @ v_new)                            # step 5: O_n
         states.append(S)
         v_news.append(v_new)
-        S = (S if g is None else decay[:, :, n] * S) + k_out[:, :, n].transpose(-1, -2) @ v_new  # S_{n+1}
+        if n + 1 < N or output_final_state:  # the state after the last chunk only when it is asked for
+            S = (S if g is None else decay[:, :, n] * S) + k_out[:, :, n].transpose(-1, -2) @ v_new  # S_{n+1}
     o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)    # [B, T, H, V]
 
     def snapshots(positions):  # [B, P] -> [B, P, H, K, V]; the stacks are built only when asked for
