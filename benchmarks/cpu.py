@@ -231,7 +231,7 @@ def bench_refine():
         model = build_model(name)
         batch = torch.randint(0, 256, (2, 2049))
         kinds = {f"{prefix}ntp": (cfg, False), f"{prefix}refine_snapshot": (cfg, True)}
-        results = interleaved_steps(model, batch, kinds, 9, 2, f"{name}, B=2, T=2048, c=8, k=5, n=1; medians of 9 "
+        results = interleaved_steps(model, batch, kinds, 15, 2, f"{name}, B=2, T=2048, c=8, k=5, n=1; medians of 15 "
                                     f"interleaved steps after 2 warm-up steps each")
         opt = make_optimizer(model, cfg)
         refw = timeit(lambda: train_step(model, opt, batch, replace(cfg, rollout_mode="reforward"), 0, 0, 1, True),
@@ -244,8 +244,18 @@ def bench_refine():
     model, tok = load_model(toy, torch.device("cpu"))
     toy = replace(toy, eos_id=tok.eos_id)
     batch, answers = load_data(toy, tok, toy.seq_len).get_batch(toy.batch_size, with_mask=True)
-    results = interleaved_steps(model, batch, {"toy_ntp": (toy, False), "toy_refine_snapshot": (toy, True)}, 9, 2,
+    results = interleaved_steps(model, batch, {"toy_ntp": (toy, False), "toy_refine_snapshot": (toy, True)}, 15, 2,
                                 f"the toy preset's REFINE phase: {toy.model}, B={toy.batch_size}, T={toy.seq_len}, "
-                                f"c={toy.n_chunks}, k={toy.rollout_len}, n={toy.n_rollouts}; medians of 9 interleaved "
+                                f"c={toy.n_chunks}, k={toy.rollout_len}, n={toy.n_rollouts}; medians of 15 interleaved "
                                 f"steps after 2 warm-up steps each", answers[:, 1:])
     report("toy_snapshot_over_ntp", results["toy_refine_snapshot"]["step_ms"] / results["toy_ntp"]["step_ms"])
+    rows = toy.batch_size * toy.n_chunks * toy.n_rollouts   # the rollouts the sampling decodes side by side
+
+    @torch.no_grad()
+    def decoding(n):  # -> 10 one-token steps of n rows from one state, as the sampling runs them
+        state, tok = model.prefill(torch.randint(0, 256, (n, 64)))[1], torch.randint(0, 256, (n, 1))
+        return lambda: [model(tok, state=state) for _ in range(10)]
+    wide, narrow, _ = side_by_side(decoding(rows), decoding(8), rounds=9, fast_repeat=1)
+    report(f"toy_decode_step_ms_{rows}_rows (one sampling step of {toy.model}; medians of 9 alternating rounds of 10 "
+           f"steps at {rows} and at 8 rows)", wide / 10)
+    report("toy_decode_step_ms_8_rows (the per-operation cost: the same operations on 8 rows)", narrow / 10)
