@@ -136,7 +136,8 @@ ASSIGNMENTS = (
         "sample_from_snapshots", "rollout.py", "REFINE sec. 3 step 2: k-token rollouts from the snapshot states",
         "From out.snapshots (the state after each selected position) and out.logits at out.positions, decode k "
         "tokens n times per prefix (rows g * n + i: rows_per_prefix) with sample_token at the given temperature, "
-        "EOS suppressed; return Rollouts with the tokens, their log-probs, hidden states and the ground truth (ground_truth).", 2,
+        "EOS suppressed; return Rollouts with the tokens, their log-probs, hidden states and the ground truth "
+        "(ground_truth).", 2,
         (C + "test_sample_from_snapshots_equals_reforward",), needs=MODEL),
     Assignment(
         "logprobs_from_snapshots", "rollout.py", "REFINE sec. 3 step 4: teacher-forced log-probs of the rollout tokens",
