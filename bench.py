@@ -6,6 +6,7 @@
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
     python bench.py gpu       # one CUDA GPU, < 10 min on an H100: kernel tests and timings, 1.3B steps, train.py
     python bench.py gpu --dry-run --out=DIR   # its every step on the CPU at tiny shapes; DIR: gpu.log, gpu.json
+    python bench.py gpu-readme --from=DIR/gpu.json   # that run -> results/gpu.json and the README's GPU table
     python bench.py compile   # no GPU: every Triton kernel compiled for sm_80/89/90 in bf16/fp16/fp32, fits or exit 1
     python bench.py kernel refine   # several at once; -h / --help prints this text
     python bench.py all --readme    # also results/bench.json and the README's Benchmarks table from this run
@@ -18,7 +19,7 @@ import torch
 from benchmarks.common import fail
 from benchmarks.cpu import bench_decode, bench_kernel, bench_refine
 from benchmarks.gpu import bench_compile, bench_gpu
-from benchmarks.readme import Tee, write_readme
+from benchmarks.readme import Tee, write_gpu_readme, write_readme
 
 
 def main(argv):
@@ -26,9 +27,9 @@ def main(argv):
             "compile": bench_compile}
     options = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith("--") and a not in ("--help",)}
     for key in options:
-        if key not in ("--readme", "--dry-run", "--out", "--ruler"):
-            fail(f"bench.py: error: unknown option {key}; the options are --readme, and with gpu --dry-run, --out=DIR "
-                 f"and --ruler=FILE (--help)", 2)
+        if key not in ("--readme", "--dry-run", "--out", "--ruler", "--from"):
+            fail(f"bench.py: error: unknown option {key}; the options are --readme, with gpu --dry-run, --out=DIR "
+                 f"and --ruler=FILE, with gpu-readme --from=FILE (--help)", 2)
     readme = "--readme" in options   # also write results/bench.json and the README's Benchmarks table from this run
     dry_run = "--dry-run" in options
     which = [a for a in argv if not a.startswith("--") or a == "--help"] or ["all"]
@@ -36,9 +37,14 @@ def main(argv):
         print(__doc__.strip())
         return
     for name in which:
-        if name not in (*jobs, "all"):
-            fail(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu or compile "
-                 f"(--help lists them)", 2)
+        if name not in (*jobs, "all", "gpu-readme"):
+            fail(f"bench.py: error: unknown benchmark {name!r}; choose kernel, decode, refine, all, gpu, gpu-readme "
+                 f"or compile (--help lists them)", 2)
+    if "gpu-readme" in which:
+        if not options.get("--from"):
+            fail("bench.py gpu-readme: error: no run given; --from=DIR/gpu.json (what python bench.py gpu --out=DIR "
+                 "wrote)", 2)
+        return write_gpu_readme(options["--from"])
     if "gpu" in which and not dry_run and not torch.cuda.is_available():
         fail("bench.py gpu: error: no CUDA device (torch.cuda.is_available() is False); it needs one GPU (or "
              "--dry-run: every step on the CPU at tiny shapes)", 2)

@@ -74,6 +74,8 @@ def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), r
     if "fla" in paths and "triton" in paths:
         report("triton_over_fla_fwd", times["triton", "fwd"] / times["fla", "fwd"])
         report("triton_over_fla_fwd_bwd", times["triton", "fwd_bwd"] / times["fla", "fwd_bwd"])
+        report(f"triton_with_snapshots_over_fla_fwd_bwd (Triton with {n_snapshots} snapshots per sequence over fla "
+               f"without)", times["triton", "snap"] / times["fla", "fwd_bwd"])
         report("triton_over_fla_gated_fwd_bwd", times["triton", "gated"] / times["fla", "gated"])
     return times
 

@@ -74,9 +74,12 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     from triton import __version__ as triton_version  # requirements.txt has it; the kernels need it on CUDA
     device = "cpu" if dry_run else "cuda"
     start, failed, tee = time.perf_counter(), [], Tee(sys.stdout)
-    report("device", "the CPU (dry run: tiny shapes, Triton in the interpreter)" if dry_run
-           else torch.cuda.get_device_name())
-    report("versions", f"torch {torch.__version__}, triton {triton_version}, cuda {torch.version.cuda}")
+    command = " ".join(["python bench.py gpu", *(["--dry-run"] if dry_run else []), *([f"--ruler={ruler}"] if ruler
+                                                                                     else [])])
+    with redirect_stdout(tee):  # what the run ran on: the first lines of gpu.log and gpu.json
+        report("device", "the CPU (dry run: tiny shapes, Triton in the interpreter)" if dry_run
+               else torch.cuda.get_device_name())
+        report("versions", f"torch {torch.__version__}, triton {triton_version}, cuda {torch.version.cuda}")
     models = [("deltanet-1.3b", "toy-deltanet", "deltanet_"), ("gated-deltanet-1.3b", "toy-gdn", "gdn_"),
               ("lact-760m", "toy-lact", "lact_")]
     shapes = [((1, 40, 2, 16, 16), torch.float32)] if dry_run else [((4, 8192, 16, 128, 128), torch.bfloat16),
@@ -119,10 +122,10 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
                     report(f"{name}_failed", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                     failed.append(name)
                 if out_dir:
-                    write_run(Path(out_dir), "gpu", "".join(tee.parts))
+                    write_run(Path(out_dir), "gpu", command, "".join(tee.parts))
             report("gpu_bench_total_s", time.perf_counter() - start)
     if out_dir:
-        write_run(Path(out_dir), "gpu", "".join(tee.parts))
+        write_run(Path(out_dir), "gpu", command, "".join(tee.parts))
     return failed
 
 
@@ -139,13 +142,16 @@ def run_script(name, script, *args):
         raise RuntimeError(f"{script} exited {run.returncode}: {last}")
 
 
-def write_run(out, name, text):
-    """out/<name>.log (everything printed) and out/<name>.json (its `name: value` lines as a dict), each written to
-    a temporary file first and renamed: a killed run leaves the previous complete pair."""
+def write_run(out, name, command, text):
+    """out/<name>.log (everything printed) and out/<name>.json (the run as results/bench.json stores one: command,
+    date, its `name: value` lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each
+    written to a temporary file first and renamed: a killed run leaves the previous complete pair."""
     import json
+    from datetime import datetime, timezone
     out.mkdir(parents=True, exist_ok=True)
-    values = {m[1]: m[3] for m in map(LINE.match, text.splitlines()) if m}
-    for suffix, content in (("log", text), ("json", json.dumps(values, indent=1))):
+    run = dict(command=command, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+               lines=[line for line in text.splitlines() if LINE.match(line)])
+    for suffix, content in (("log", text), ("json", json.dumps(run, indent=1))):
         tmp = out / f".{name}.{suffix}.tmp"
         tmp.write_text(content)
         tmp.replace(out / f"{name}.{suffix}")

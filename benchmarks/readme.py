@@ -1,4 +1,6 @@
-"""`bench.py --readme`: the README's Benchmarks table (and results/bench.json) from one run's `name: value` lines."""
+"""`bench.py --readme`: the README's Benchmarks table (and results/bench.json) from one run's `name: value` lines;
+`bench.py gpu-readme`: its GPU table (and results/gpu.json) from the gpu.json of a `bench.py gpu` run."""
+import json
 import re
 import sys
 
@@ -10,7 +12,14 @@ TARGETS = {"recurrent_over_chunked": ">= 20", "gated_recurrent_over_chunked": ">
            "decode_growth_deltanet": "<= 1.25", "decode_growth_gdn": "<= 1.25", "decode_growth_lact": "<= 1.25",
            "lact_recompute_over_incremental": ">= 20", "snapshot_over_ntp": "<= 1.25",
            "toy_snapshot_over_ntp": "<= 1.3", "reforward_over_snapshot": ">= 4",
-           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4"}   # the README's ratio targets
+           "gdn_snapshot_over_ntp": "<= 1.25", "gdn_reforward_over_snapshot": ">= 4",
+           # the GPU run's (bench.py gpu): against fla at B=4 T=8192 H=16 K=V=128 bf16; the 1.3B models at 16K tokens
+           "triton_over_fla_fwd_bwd": "<= 1.2", "triton_over_fla_gated_fwd_bwd": "<= 1.2",
+           "triton_with_snapshots_over_fla_fwd_bwd": "<= 1.3", "deltanet_refine_over_ntp_step": "<= 1.3",
+           "gdn_refine_over_ntp_step": "<= 1.3", "deltanet_refine_tokens_per_s": ">= 4000",
+           "gdn_refine_tokens_per_s": ">= 4000"}   # the README's targets
+GPU_NONE = ("No `python bench.py gpu` run has come back yet; `python bench.py gpu-readme --from=DIR/gpu.json` writes\n"
+            "this block from one (and keeps the run in results/gpu.json).")   # the README's GPU block until then
 LINE = re.compile(r"^([A-Za-z0-9_]+)(?: \((.*)\))?: (.*)$")   # report()'s `name (what): value`
 
 
@@ -36,7 +45,8 @@ def readme_table(run):
     values = {name: value for name, _, value in rows}
     kinds = [name.removesuffix("step_ms") for name in values if name.endswith("_step_ms")]   # "ntp_", ...
     folded = {f"{kind}{piece}_ms" for kind in kinds for piece in (*PIECES, "other")}
-    machine = values.get("machine", "no machine line (bench.py refine prints it)")
+    machine = values.get("machine") or ", ".join(values[key] for key in ("device", "versions") if key in values) \
+        or "no machine line (bench.py refine prints it)"                   # the CPU run's, or the GPU run's
     out = [f"`{run['command']}` on {run['date']}: {machine}.", "", "| `bench.py` line | value | target |",
            "|---|---|---|"]
     for name, what, value in rows:
@@ -64,7 +74,6 @@ def _number(text):
 def write_readme(argv, lines, path=ROOT):
     """--readme: store the run's `name: value` lines in results/bench.json and rewrite the README's Benchmarks table
     between <!-- benchmarks:start --> and <!-- benchmarks:end --> from it."""
-    import json
     from datetime import datetime, timezone
 
     from study.report import update_readme
@@ -74,3 +83,27 @@ def write_readme(argv, lines, path=ROOT):
     (path / "results" / "bench.json").write_text(json.dumps(run, indent=1))
     if not update_readme(path / "README.md", readme_table(run), "benchmarks"):
         fail(f"bench.py --readme: error: no <!-- benchmarks:start --> / end lines in {path / 'README.md'}", 1)
+
+
+def write_gpu_readme(source, path=ROOT):
+    """gpu-readme: the run that `python bench.py gpu --out=DIR` left in DIR/gpu.json (command, date, lines) ->
+    results/gpu.json and the README's GPU table between <!-- gpu:start --> and <!-- gpu:end -->. A dry run (the CPU
+    at tiny shapes) is refused: its figures are no GPU's."""
+    from study.report import update_readme
+    try:
+        run = json.loads(open(source).read())
+        ok = isinstance(run, dict) and {"command", "date", "lines"} <= set(run) and isinstance(run["lines"], list)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        fail(f"bench.py gpu-readme: error: {source} is not the gpu.json of a `python bench.py gpu --out=DIR` run (a "
+             f"JSON object with command, date and lines); give --from=DIR/gpu.json", 2)
+    if "--dry-run" in run["command"].split():
+        fail(f"bench.py gpu-readme: error: {source} is a dry run (the CPU at tiny shapes), not a GPU's figures; give "
+             f"the gpu.json of `python bench.py gpu --out=DIR` on a GPU", 2)
+    (path / "results").mkdir(exist_ok=True)
+    tmp = path / "results" / ".gpu.json.tmp"
+    tmp.write_text(json.dumps(run, indent=1))
+    tmp.replace(path / "results" / "gpu.json")
+    if not update_readme(path / "README.md", readme_table(run), "gpu"):
+        fail(f"bench.py gpu-readme: error: no <!-- gpu:start --> / end lines in {path / 'README.md'}", 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cpu, gpu
+from benchmarks import cpu, gpu, readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,10 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
     run = run_bench("gpu", "--dry-run", f"--out={tmp_path}", f"--ruler={tmp_path / 'missing.parquet'}")
     assert run.returncode == 1 and "these steps failed: ruler" in run.stderr, run.stderr[-2000:]
     import json
-    figures = json.loads((tmp_path / "gpu.json").read_text())
+    run = json.loads((tmp_path / "gpu.json").read_text())   # the run, as results/bench.json keeps one
+    assert run["command"] == f"python bench.py gpu --dry-run --ruler={tmp_path / 'missing.parquet'}"
+    figures = {m[1]: m[3] for m in map(readme.LINE.match, run["lines"])}
+    assert run["lines"][0].startswith("device: the CPU (dry run") and run["lines"][1].startswith("versions: torch ")
     assert (tmp_path / "gpu.log").read_text().count("\n") > 20
     assert [key for key in figures if key.endswith("_failed")] == ["ruler_failed"]
     assert "passed" in figures["kernel_tests"] and "failed" not in figures["kernel_tests"]
@@ -96,3 +99,11 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
         assert float(figures[f"{family}_refine_tokens_per_s"]) > 0, family
     assert figures["train"].startswith("exit 0: step     2/2")           # train.py, then --resume to step 3
     assert figures["train_resume"].startswith("exit 0: step     3/3")
+    # the README's GPU table renders from it (bench.py gpu-readme), the 1.3B targets on their rows; a dry run itself
+    # is refused there, with one line and status 2
+    table = readme.readme_table(run)
+    assert table.startswith(f"`{run['command']}` on {run['date']}: the CPU (dry run")
+    assert f"| `deltanet_refine_over_ntp_step` | {float(figures['deltanet_refine_over_ntp_step']):.4g} | <= 1.3 |" \
+        in table
+    refused = run_bench("gpu-readme", f"--from={tmp_path / 'gpu.json'}")
+    assert refused.returncode == 2 and "is a dry run" in refused.stderr and refused.stderr.count("\n") == 1

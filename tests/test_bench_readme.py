@@ -1,5 +1,6 @@
 """bench.py --readme: the README's Benchmarks table written from one run's stored lines (results/bench.json), and
-that the README's block is what it writes from the stored file."""
+that the README's block is what it writes from the stored file; bench.py gpu-readme likewise for the GPU table
+(results/gpu.json, from the gpu.json of a `bench.py gpu` run)."""
 import io
 import json
 from pathlib import Path
@@ -48,3 +49,39 @@ def test_readme_block_is_what_the_command_writes():
         pytest.skip("results/bench.json not generated yet (python bench.py all --readme, on an idle machine)")
     assert report.readme_block(ROOT / "README.md", "benchmarks") == \
         readme.readme_table(json.loads(stored.read_text())).strip()
+
+
+GPU_LINES = ["device: NVIDIA H200", "versions: torch 2.11.0, triton 3.6.0, cuda 13.0",
+             "kernel_tests: 52 passed in 80.00s", "triton_over_fla_fwd_bwd: 1.104",
+             "deltanet_refine_step_ms (deltanet-1.3b T=16384 bfloat16 checkpointing, medians of 2): 3100.000",
+             "deltanet_refine_forward_ms: 900.000", "deltanet_refine_over_ntp_step: 1.221",
+             "deltanet_refine_tokens_per_s: 5285.100"]
+
+
+def test_gpu_table_from_a_gpu_run(tmp_path):
+    run = dict(command="python bench.py gpu --ruler=r.parquet", date="2026-12-05", lines=GPU_LINES)
+    (tmp_path / "gpu.json").write_text(json.dumps(run))
+    (tmp_path / "README.md").write_text(f"a\n<!-- gpu:start -->\n{readme.GPU_NONE}\n<!-- gpu:end -->\nb\n")
+    readme.write_gpu_readme(tmp_path / "gpu.json", tmp_path)
+    assert json.loads((tmp_path / "results" / "gpu.json").read_text()) == run
+    block = report.readme_block(tmp_path / "README.md", "gpu")
+    assert block == readme.readme_table(run).strip()
+    assert block.startswith("`python bench.py gpu --ruler=r.parquet` on 2026-12-05: NVIDIA H200, torch 2.11.0, "
+                            "triton 3.6.0, cuda 13.0.")
+    assert "| `triton_over_fla_fwd_bwd` | 1.104 | <= 1.2 |" in block
+    assert "| `deltanet_refine_tokens_per_s` | 5285 | >= 4000 |" in block
+    assert "(deltanet-1.3b T=16384 bfloat16 checkpointing, medians of 2; forward 900 ms) | 3100 |" in block
+    assert "`kernel_tests`: 52 passed in 80.00s." in block
+    for bad in ("[1, 2]", "not json", json.dumps(dict(run, command="python bench.py gpu --dry-run"))):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(SystemExit) as exit_:
+            readme.write_gpu_readme(tmp_path / "bad.json", tmp_path)
+        assert exit_.value.code == 2
+    assert json.loads((tmp_path / "results" / "gpu.json").read_text()) == run   # untouched by the refusals
+
+
+def test_readme_gpu_block_is_what_the_command_writes():
+    """Until a GPU run comes back, the block says so; then it is the table of results/gpu.json."""
+    stored = ROOT / "results" / "gpu.json"
+    want = readme.readme_table(json.loads(stored.read_text())) if stored.exists() else readme.GPU_NONE
+    assert report.readme_block(ROOT / "README.md", "gpu") == want.strip()
