@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 from benchmarks.common import ROOT, fail
 from benchmarks.cpu import PIECES
@@ -91,8 +92,9 @@ def write_gpu_readme(source, path=ROOT):
     at tiny shapes) is refused: its figures are no GPU's."""
     from study.report import update_readme
     try:
-        run = json.loads(open(source).read())
-        ok = isinstance(run, dict) and {"command", "date", "lines"} <= set(run) and isinstance(run["lines"], list)
+        run = json.loads(Path(source).read_text())
+        ok = isinstance(run, dict) and {"command", "date", "lines"} <= set(run) and isinstance(run["lines"], list) \
+            and all(isinstance(line, str) for line in [run["command"], run["date"], *run["lines"]])
     except (OSError, ValueError):
         ok = False
     if not ok:

@@ -72,7 +72,8 @@ def test_gpu_table_from_a_gpu_run(tmp_path):
     assert "| `deltanet_refine_tokens_per_s` | 5285 | >= 4000 |" in block
     assert "(deltanet-1.3b T=16384 bfloat16 checkpointing, medians of 2; forward 900 ms) | 3100 |" in block
     assert "`kernel_tests`: 52 passed in 80.00s." in block
-    for bad in ("[1, 2]", "not json", json.dumps(dict(run, command="python bench.py gpu --dry-run"))):
+    for bad in ("[1, 2]", "not json", json.dumps(dict(run, lines=[1, 2])),
+                json.dumps(dict(run, command="python bench.py gpu --dry-run"))):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(SystemExit) as exit_:
             readme.write_gpu_readme(tmp_path / "bad.json", tmp_path)
