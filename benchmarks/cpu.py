@@ -255,8 +255,8 @@ def bench_refine():
 
     @torch.no_grad()
     def decoding(n):  # -> 10 one-token steps of n rows from one state, as the sampling runs them
-        state, tok = model.prefill(torch.randint(0, 256, (n, 64)))[1], torch.randint(0, 256, (n, 1))
-        return lambda: [model(tok, state=state) for _ in range(10)]
+        state, ids = model.prefill(torch.randint(0, 256, (n, 64)))[1], torch.randint(0, 256, (n, 1))
+        return lambda: [model(ids, state=state) for _ in range(10)]
     wide, narrow, _ = side_by_side(decoding(rows), decoding(8), rounds=9, fast_repeat=1)
     report(f"toy_decode_step_ms_{rows}_rows (one sampling step of {toy.model}; medians of 9 alternating rounds of 10 "
            f"steps at {rows} and at 8 rows)", wide / 10)

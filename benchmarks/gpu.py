@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import ROOT, fail, report
 from benchmarks.cpu import interleaved_steps, kernel_timings
-from benchmarks.readme import LINE, Tee
+from benchmarks.readme import Tee, run_record
 from kernels import resolve_backend
 
 
@@ -74,8 +74,7 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     from triton import __version__ as triton_version  # requirements.txt has it; the kernels need it on CUDA
     device = "cpu" if dry_run else "cuda"
     start, failed, tee = time.perf_counter(), [], Tee(sys.stdout)
-    command = " ".join(["python bench.py gpu", *(["--dry-run"] if dry_run else []), *([f"--ruler={ruler}"] if ruler
-                                                                                     else [])])
+    command = "python bench.py gpu" + " --dry-run" * dry_run + (f" --ruler={ruler}" if ruler else "")
     with redirect_stdout(tee):  # what the run ran on: the first lines of gpu.log and gpu.json
         report("device", "the CPU (dry run: tiny shapes, Triton in the interpreter)" if dry_run
                else torch.cuda.get_device_name())
@@ -143,15 +142,12 @@ def run_script(name, script, *args):
 
 
 def write_run(out, name, command, text):
-    """out/<name>.log (everything printed) and out/<name>.json (the run as results/bench.json stores one: command,
-    date, its `name: value` lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each
-    written to a temporary file first and renamed: a killed run leaves the previous complete pair."""
+    """out/<name>.log (everything printed) and out/<name>.json (readme.run_record: command, date, its `name: value`
+    lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each written to a temporary
+    file first and renamed: a killed run leaves the previous complete pair."""
     import json
-    from datetime import datetime, timezone
     out.mkdir(parents=True, exist_ok=True)
-    run = dict(command=command, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-               lines=[line for line in text.splitlines() if LINE.match(line)])
-    for suffix, content in (("log", text), ("json", json.dumps(run, indent=1))):
+    for suffix, content in (("log", text), ("json", json.dumps(run_record(command, text.splitlines()), indent=1))):
         tmp = out / f".{name}.{suffix}.tmp"
         tmp.write_text(content)
         tmp.replace(out / f"{name}.{suffix}")

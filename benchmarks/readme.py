@@ -72,25 +72,37 @@ def _number(text):
         return False
 
 
+def run_record(command, lines):
+    """A run as results/*.json and a GPU run's gpu.json keep it: its command, today's date (UTC) and its
+    `name: value` lines."""
+    from datetime import datetime, timezone
+    return dict(command=command, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                lines=[line for line in lines if LINE.match(line)])
+
+
+def publish(run, name, block, path, command):
+    """results/<name> <- the run (a temporary file renamed: never half-written), then the README's `block` (between
+    <!-- block:start --> and <!-- block:end -->) <- its table; `command` names the caller in the error."""
+    from study.report import update_readme
+    (path / "results").mkdir(exist_ok=True)
+    tmp = path / "results" / f".{name}.tmp"
+    tmp.write_text(json.dumps(run, indent=1))
+    tmp.replace(path / "results" / name)
+    if not update_readme(path / "README.md", readme_table(run), block):
+        fail(f"{command}: error: no <!-- {block}:start --> / end lines in {path / 'README.md'}", 1)
+
+
 def write_readme(argv, lines, path=ROOT):
     """--readme: store the run's `name: value` lines in results/bench.json and rewrite the README's Benchmarks table
     between <!-- benchmarks:start --> and <!-- benchmarks:end --> from it."""
-    from datetime import datetime, timezone
-
-    from study.report import update_readme
-    run = dict(command=" ".join(["python bench.py", *argv]), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-               lines=[line for line in lines if LINE.match(line)])
-    (path / "results").mkdir(exist_ok=True)
-    (path / "results" / "bench.json").write_text(json.dumps(run, indent=1))
-    if not update_readme(path / "README.md", readme_table(run), "benchmarks"):
-        fail(f"bench.py --readme: error: no <!-- benchmarks:start --> / end lines in {path / 'README.md'}", 1)
+    publish(run_record(" ".join(["python bench.py", *argv]), lines), "bench.json", "benchmarks", path,
+            "bench.py --readme")
 
 
 def write_gpu_readme(source, path=ROOT):
     """gpu-readme: the run that `python bench.py gpu --out=DIR` left in DIR/gpu.json (command, date, lines) ->
     results/gpu.json and the README's GPU table between <!-- gpu:start --> and <!-- gpu:end -->. A dry run (the CPU
     at tiny shapes) is refused: its figures are no GPU's."""
-    from study.report import update_readme
     try:
         run = json.loads(Path(source).read_text())
         ok = isinstance(run, dict) and {"command", "date", "lines"} <= set(run) and isinstance(run["lines"], list) \
@@ -103,9 +115,4 @@ def write_gpu_readme(source, path=ROOT):
     if "--dry-run" in run["command"].split():
         fail(f"bench.py gpu-readme: error: {source} is a dry run (the CPU at tiny shapes), not a GPU's figures; give "
              f"the gpu.json of `python bench.py gpu --out=DIR` on a GPU", 2)
-    (path / "results").mkdir(exist_ok=True)
-    tmp = path / "results" / ".gpu.json.tmp"
-    tmp.write_text(json.dumps(run, indent=1))
-    tmp.replace(path / "results" / "gpu.json")
-    if not update_readme(path / "README.md", readme_table(run), "gpu"):
-        fail(f"bench.py gpu-readme: error: no <!-- gpu:start --> / end lines in {path / 'README.md'}", 1)
+    publish(run, "gpu.json", "gpu", path, "bench.py gpu-readme")
