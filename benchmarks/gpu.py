@@ -45,26 +45,34 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
     return results
 
 
-def run_kernel_tests(pytest_args=(), interpret=False):
-    """pytest tests/test_triton_kernel.py in a fresh process (compiled on CUDA, or in Triton's interpreter);
-    reports its summary. -> passed"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels where CUDA is
-    env.update({"TRITON_INTERPRET": "1"} if interpret else {})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernel.py", *pytest_args]
+def run_kernel_tests(name, selection, interpret=False, probe=None):
+    """pytest of tests/test_triton_kernel.py in a fresh process (compiled on CUDA, or in Triton's interpreter);
+    selection: pytest arguments (a -k expression, or the node ids of tests); probe: a benchmarks/launch_probe.py
+    variant to run them under. Reports the summary line as `name: ...`. -> the node ids of the failed tests; a run
+    that fails without naming a failed test (it did not start, or crashed) raises."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "REFINE_LAUNCH_PROBE")}
+    env.update({"TRITON_INTERPRET": "1"} if interpret else {})  # else compiled kernels where CUDA is
+    env.update({"REFINE_LAUNCH_PROBE": probe} if probe else {})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
+           *(["-p", "benchmarks.launch_probe"] if probe else []), *selection]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    report("kernel_tests", (run.stdout.strip().splitlines() or ["no output"])[-1].strip("= "))
+    report(name, (run.stdout.strip().splitlines() or ["no output"])[-1].strip("= "))
+    failed = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("FAILED ")]
     if run.returncode != 0:
         print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
-    return run.returncode == 0
+    if run.returncode != 0 and not failed:
+        raise RuntimeError(f"pytest exited {run.returncode} (see above)")
+    return failed
 
 
 def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     """Everything that needs a GPU, in one run (under 10 minutes on an H100-class card), step by step:
-    1. the compiled kernel tests (tests/test_triton_kernel.py: forward, backward, snapshots, the gated rule);
+    1. the compiled kernel tests in bf16 (tests/test_triton_kernel.py: forward, backward, snapshots, the gated rule);
     2. kernel_timings at B=4 T=8192 H=16 K=V=128 bf16, and at Gated DeltaNet-1.3B's heads (H=6, K=256, V=512);
     3. NTP and REFINE steps of DeltaNet-1.3B, Gated DeltaNet-1.3B and LaCT-760M on one 16K-token sequence;
     4. train.py itself: 2 steps of deltanet-1.3b-mid (random init, built-in data, 4K tokens), then --resume to step 3;
-       then evaluate.py --task ruler on `ruler` (a RULER parquet file; skipped, with the reason, without one).
+       then evaluate.py --task ruler on `ruler` (a RULER parquet file; skipped, with the reason, without one);
+    5. the kernel tests in fp16 and fp32, then every failed kernel test again under each launch_probe variant.
     dry_run: the same steps on the CPU at tiny shapes (toy models, Triton in the interpreter), so that the GPU run
     can only fail on what only a GPU shows. out_dir: gpu.log and gpu.json (every `name: value` line so far),
     rewritten after each step, so that a run cut short keeps what it measured. A failing step is reported and the
@@ -91,10 +99,21 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "train"
 
-        def kernel_tests():
-            if not run_kernel_tests(["-k", "single_token or (gated and edges and strong)"] if dry_run else [],
-                                    interpret=dry_run):
-                raise RuntimeError("kernel tests failed (see above)")
+        failed_tests = []
+        tests = "tests/test_triton_kernel.py"
+
+        def kernel_tests(name, on_gpu, on_cpu):  # -k expressions: the compiled tests, the dry run's few
+            failed = run_kernel_tests(name, [tests, "-k", on_cpu if dry_run else on_gpu], dry_run)
+            failed_tests.extend(failed)
+            if failed:
+                raise RuntimeError(f"{len(failed)} kernel tests failed (see above)")
+
+        def launch_probe():  # the failed tests again under each other launch configuration (the dry run: a few)
+            if not failed_tests and not dry_run:
+                return report("launch_probe", "skipped: no kernel test failed")
+            for variant in ("min32", "one_stage"):
+                run_kernel_tests(f"launch_probe_{variant}", sorted(set(failed_tests)) or
+                                 [tests, "-k", "single_token or (gated and edges and strong)"], dry_run, variant)
 
         def train_and_resume():
             for name, n, extra in (("train", 2, []), ("train_resume", 3, ["--resume"])):
@@ -106,13 +125,18 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
             run_script("evaluate_ruler", "evaluate.py", "--ckpt", str(ckpt), "--task", "ruler", "--data", ruler,
                        "--limit", "2" if dry_run else "20", "--device", device)
 
-        steps = {"kernel_tests": kernel_tests,
+        steps = {"kernel_tests": lambda: kernel_tests("kernel_tests_bf16", "cuda-bf16",
+                                                      "single_token or (gated and edges and strong)"),
                  "kernel_timings": lambda: [kernel_timings(*shape, dtype, device, repeat=1 if dry_run else 5)
                                             for shape, dtype in shapes],
                  "train_steps": lambda: [bench_train_steps(toy if dry_run else name, 64 if dry_run else 16384, device,
                                                            repeat=1 if dry_run else 2, prefix=prefix)
                                          for name, toy, prefix in models],
-                 "train_and_resume": train_and_resume, "ruler": ruler_qa}
+                 "train_and_resume": train_and_resume, "ruler": ruler_qa,
+                 # last, so that a run cut short has the figures above: fp16 and fp32 (TF32) compiled, then the probe
+                 "kernel_tests_fp16_fp32": lambda: kernel_tests("kernel_tests_fp16_fp32", "cuda-fp16 or cuda-fp32",
+                                                                "snapshots_match and no-h0-edges and direct"),
+                 "launch_probe": launch_probe}
         with redirect_stdout(tee):
             for name, step in steps.items():
                 try:

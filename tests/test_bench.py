@@ -81,7 +81,7 @@ def test_decode_timing_interleaves_the_contexts():
 
 def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
     """`bench.py gpu --dry-run`: the GPU run's every step at tiny shapes on the CPU (the kernel tests in Triton's
-    interpreter, kernel timings, NTP/REFINE steps of the three model families, train.py and its --resume, evaluate.py
+    interpreter, also under the launch probe's variants, kernel timings, NTP/REFINE steps of the three model families, train.py and its --resume, evaluate.py
     on a RULER file), its figures in --out; a failing step (here a RULER file that does not exist) is reported, the
     others still run, and the exit status is 1."""
     run = run_bench("gpu", "--dry-run", f"--out={tmp_path}", f"--ruler={tmp_path / 'missing.parquet'}")
@@ -93,7 +93,9 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
     assert run["lines"][0].startswith("device: the CPU (dry run") and run["lines"][1].startswith("versions: torch ")
     assert (tmp_path / "gpu.log").read_text().count("\n") > 20
     assert [key for key in figures if key.endswith("_failed")] == ["ruler_failed"]
-    assert "passed" in figures["kernel_tests"] and "failed" not in figures["kernel_tests"]
+    for name in ("kernel_tests_bf16", "kernel_tests_fp16_fp32", "launch_probe_min32", "launch_probe_one_stage"):
+        assert "passed" in figures[name] and "failed" not in figures[name], name   # the probe: 16-wide heads in
+    # 32-wide tiles give the right values and gradients too
     assert float(figures["cpu_triton_gated_fwd_bwd_ms"]) > 0       # the interpreter ran the gated kernels
     for family in ("deltanet", "gdn", "lact"):
         assert float(figures[f"{family}_refine_tokens_per_s"]) > 0, family
@@ -107,3 +109,22 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
         in table
     refused = run_bench("gpu-readme", f"--from={tmp_path / 'gpu.json'}")
     assert refused.returncode == 2 and "is a dry run" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_failed_kernel_tests_are_named_and_rerun_under_each_launch_probe(tmp_path, capsys):
+    """The GPU run's kernel-test steps return the failed tests' node ids, and the launch probe reruns them with the
+    launchers' launch_config changed as its variant says (a test that passes only under a probe shows it)."""
+    target = tmp_path / "test_probe_target.py"
+    target.write_text("import os\nimport torch\nfrom kernels import triton_delta\n\n\ndef test_passes():\n    pass\n\n\n"
+                      "def test_passes_only_probed():\n"
+                      "    blocks, opts = triton_delta.launch_config(16, 16, torch.bfloat16)\n"
+                      "    want = {'min32': (32, 2), 'one_stage': (16, 1)}[os.environ['REFINE_LAUNCH_PROBE']]\n"
+                      "    assert (blocks.BKF, opts['num_stages']) == want\n")
+    failed = gpu.run_kernel_tests("plain", [str(target)], interpret=True)
+    assert len(failed) == 1 and failed[0].endswith("test_probe_target.py::test_passes_only_probed")
+    for variant in ("min32", "one_stage"):
+        assert gpu.run_kernel_tests(f"probe_{variant}", failed, interpret=True, probe=variant) == []
+    out = capsys.readouterr().out
+    assert "plain: 1 failed, 1 passed" in out and "probe_min32: 1 passed" in out and "probe_one_stage: 1 passed" in out
+    with pytest.raises(RuntimeError, match="pytest exited"):  # nothing ran: no failed test to name
+        gpu.run_kernel_tests("missing", [str(tmp_path / "missing.py")], interpret=True)

@@ -52,7 +52,7 @@ def test_readme_block_is_what_the_command_writes():
 
 
 GPU_LINES = ["device: NVIDIA H200", "versions: torch 2.11.0, triton 3.6.0, cuda 13.0",
-             "kernel_tests: 52 passed in 80.00s", "triton_over_fla_fwd_bwd: 1.104",
+             "kernel_tests_bf16: 52 passed in 80.00s", "triton_over_fla_fwd_bwd: 1.104",
              "deltanet_refine_step_ms (deltanet-1.3b T=16384 bfloat16 checkpointing, medians of 2): 3100.000",
              "deltanet_refine_forward_ms: 900.000", "deltanet_refine_over_ntp_step: 1.221",
              "deltanet_refine_tokens_per_s: 5285.100"]
@@ -71,7 +71,7 @@ def test_gpu_table_from_a_gpu_run(tmp_path):
     assert "| `triton_over_fla_fwd_bwd` | 1.104 | <= 1.2 |" in block
     assert "| `deltanet_refine_tokens_per_s` | 5285 | >= 4000 |" in block
     assert "(deltanet-1.3b T=16384 bfloat16 checkpointing, medians of 2; forward 900 ms) | 3100 |" in block
-    assert "`kernel_tests`: 52 passed in 80.00s." in block
+    assert "`kernel_tests_bf16`: 52 passed in 80.00s." in block
     for bad in ("[1, 2]", "not json", json.dumps(dict(run, lines=[1, 2])),
                 json.dumps(dict(run, command="python bench.py gpu --dry-run"))):
         (tmp_path / "bad.json").write_text(bad)

@@ -5,11 +5,12 @@ and a tiny DeltaNet LM whose snapshots run through the kernel, against the torch
 Without CUDA the kernels run in Triton's CPU interpreter in fp32. triton.language reads TRITON_INTERPRET when it is
 first imported, so the flag is set below before anything imports triton; if another test module imported triton
 earlier in this process, the CPU tests rerun this file in a fresh process instead. With CUDA the same tests run
-compiled in bf16 against the fp32 reference, with fla's tolerances.
-Tolerances (relative RMS error, ||x - ref|| / ||ref||): fp32 interpreter 1e-4 for everything; bf16 on CUDA 6e-3
-for the output, final state and snapshots, 8e-3 for the gradients. The snapshot tests also run fp16 in the
-interpreter (same tolerances as bf16), which exercises fp32 chunk states beside half-precision dot operands on CPU
-(the interpreter's bf16 matmul is not usable).
+compiled in bf16, fp16 and fp32 against the fp32 reference, with fla's tolerances.
+Tolerances (relative RMS error, ||x - ref|| / ||ref||): fp32 in the interpreter (exact fp32 products) 1e-4 for
+everything; dot operands below fp32 precision (bf16 and fp16, and fp32 compiled on a GPU, where tl.dot rounds fp32
+operands to TF32's 10-bit mantissa, as fp16's) 6e-3 for the output, final state and snapshots, 8e-3 for the
+gradients. The snapshot tests also run fp16 in the interpreter, which exercises fp32 chunk states beside
+half-precision dot operands on CPU (the interpreter's bf16 matmul is not usable).
 """
 import os
 import subprocess
@@ -40,10 +41,20 @@ DEVICES = [
                         pytest.mark.skipif(OLD_INTERPRETER, reason="triton < 3.9: its interpreter cannot run the "
                                            "run-time loop bound range(NT) (it takes int() of a 1-element array, "
                                            "which numpy 2.4 rejects); compiled kernels: bench.py compile")]),
-    pytest.param("cuda", torch.bfloat16, id="cuda-bf16",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    *[pytest.param("cuda", dtype, id=f"cuda-{name}",
+                   marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+      for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))],
 ]
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-3, 8e-3), torch.float16: (6e-3, 8e-3)}  # (out/state, grads)
+
+
+def exact_dots(device, dtype):
+    """Whether tl.dot multiplies in full fp32: fp32 in the interpreter (numpy); on a GPU fp32 runs as TF32."""
+    return dtype == torch.float32 and device == "cpu"
+
+
+def tolerances(device, dtype):
+    """(output / state / snapshots, gradients), relative RMS: module docstring."""
+    return (1e-4, 1e-4) if exact_dots(device, dtype) else (6e-3, 8e-3)
 # (B, T, H, K, V, chunk, with initial state, return/backprop the final state)
 CASES = [
     (2, 1, 2, 16, 16, 16, False, False),   # T = 1 < chunk, no state in or out
@@ -96,7 +107,7 @@ def test_matches_recurrent_values_and_grads(device, dtype, B, T, H, K, V, chunk,
     outs, grads = run_with_grads(fast, inputs, do, dht, final)
     ref_outs, ref_grads = run_with_grads(recurrent_delta_rule, [None if x is None else x.float() for x in inputs],
                                          do, dht, final)
-    tol_out, tol_grad = TOL[dtype]
+    tol_out, tol_grad = tolerances(device, dtype)
     assert outs[0].dtype == dtype and outs[0].shape == (B, T, H, V)
     assert rel_rms(outs[0], ref_outs[0]) < tol_out, "output"
     if final:
@@ -116,8 +127,9 @@ def test_single_token_by_hand(device, dtype):
     v = torch.linspace(-1.0, 1.0, 16).reshape(1, 1, 1, 16).to(device, dtype)
     beta = torch.full((1, 1, 1), 0.5, device=device, dtype=dtype)
     o, ht = td.triton_delta_rule(k, k, v, beta, scale=0.25, output_final_state=True, chunk_size=16)
-    # one token: a handful of operations on O(1) values; fp32 rounds to ~1e-7, fp16 inputs to 2^-11 = 5e-4
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # one token: a handful of operations on O(1) values; fp32 rounds to ~1e-7, fp16 inputs (and TF32 dots) to
+    # 2^-11 = 5e-4, bf16 to 2^-8
+    tol = 1e-6 if exact_dots(device, dtype) else 1e-2
     assert torch.allclose(o.float(), 0.125 * v.float(), atol=tol)
     assert torch.allclose(ht, 0.5 * k[0, 0, 0].float()[:, None] * v[0, 0, 0].float()[None, :], atol=tol)
 
@@ -194,7 +206,7 @@ def test_snapshots_match_recurrent_values_and_grads(device, dtype, case, defer):
     snaps_ref = prefix_states(*ref_leaves, positions)
     ref_grads = grads_of(o_ref, snaps_ref, ref_leaves)
 
-    tol_out, tol_grad = TOL[dtype]
+    tol_out, tol_grad = tolerances(device, dtype)
     assert ht is None and snaps.dtype == torch.float32 and snaps.shape == (B, len(pos[0]), H, K, V)
     assert rel_rms(o, o_ref) < tol_out, "output"
     for b in range(B):
@@ -215,17 +227,19 @@ def test_snapshot_only_loss(device, dtype):
     ref_grads = torch.autograd.grad(prefix_states(*ref, positions).sum(), ref, allow_unused=True)
     assert grads[0].abs().max() == 0 and ref_grads[0] is None  # q only reads the state
     for name, grad, r in zip(("dk", "dv", "dbeta", "dh0"), grads[1:], ref_grads[1:]):
-        assert rel_rms(grad, r) < TOL[dtype][1], name
+        assert rel_rms(grad, r) < tolerances(device, dtype)[1], name
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_deltanet_model_snapshots_through_triton(device, dtype, checkpointing):
     """A tiny DeltaNet LM: deferred snapshots and all parameter gradients are the same with backend 'triton' as with
-    the torch chunked path (fp32), with and without gradient checkpointing."""
+    the torch chunked path (fp32; on a GPU the kernel's dots run as TF32, hence its tolerances), with and without
+    gradient checkpointing."""
     from model import FastWeightLM, ModelConfig
     if dtype != torch.float32:
-        pytest.skip("fp32 comparison; the bf16 kernel is covered by the tests above")
+        pytest.skip("fp32 comparison; the half-precision kernels are covered by the tests above")
+    tol_out, tol_grad = tolerances(device, dtype)
     x = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
     for backend in ("torch", "triton"):
@@ -238,19 +252,19 @@ def test_deltanet_model_snapshots_through_triton(device, dtype, checkpointing):
         results.append(([s["S"] for s in out.snapshots], torch.autograd.grad(loss, list(model.parameters()))))
     (snaps_t, grads_t), (snaps_tr, grads_tr) = results
     for a, b in zip(snaps_tr, snaps_t):
-        assert rel_rms(a, b) < 1e-4
+        assert rel_rms(a, b) < tol_out
     for (name, _), a, b in zip(model.named_parameters(), grads_tr, grads_t):
-        assert rel_rms(a, b) < 1e-4, name
+        assert rel_rms(a, b) < tol_grad, name
 
 
 # ------------------------------------------------------------------------------------------------- Gated DeltaNet
 # The gated rule (g [B, T, HV] log-decay) through kernels.delta_rule(backend="triton") against the recurrent loop:
 # output, final state, snapshots and the gradients of q, k, v, beta, g, h0, for g = 0, mild U(-0.5, 0) and strong
 # U(-30, 0) decay (fla issue #891: a mild gate hides chunk-boundary and dg bugs). Tolerances as above (relative RMS);
-# dg on CUDA bf16: fla's own 0.02 (dg sums products over a whole chunk, from bf16 operands). dg_i is a difference of
-# terms as large as the rows of dq and dk (rowsum(q_i o dq_i) - rowsum(k_i o dk_i) + ..., unit q and k): under strong
-# decay |dg| is up to 1e4 x smaller than those rows and the rounding of the terms dominates, so dg's error is measured
-# against the larger of its own RMS and the RMS row norm of dq and dk.
+# dg on CUDA: fla's own 0.02 (dg sums products over a whole chunk, from bf16, fp16 or TF32 operands). dg_i is a
+# difference of terms as large as the rows of dq and dk (rowsum(q_i o dq_i) - rowsum(k_i o dk_i) + ..., unit q and
+# k): under strong decay |dg| is up to 1e4 x smaller than those rows and the rounding of the terms dominates, so dg's
+# error is measured against the larger of its own RMS and the RMS row norm of dq and dk.
 # (B, T, H, HV, K, V, chunk, positions [B, P]: the first token, chunk edges, the last token)
 GATED_CASES = [
     (2, 37, 1, 2, 16, 16, 16, [[0, 15, 16, 36], [5, 31, 32, 36]]),   # HV = 2H, last chunk partial
@@ -284,7 +298,7 @@ def test_gated_matches_recurrent_values_and_grads(device, dtype, case, decay):
 
     (o, ht, snaps), grads = run("triton", dtype)
     (o_ref, ht_ref, snaps_ref), ref_grads = run("recurrent", torch.float32)
-    tol_out, tol_grad = TOL[dtype]
+    tol_out, tol_grad = tolerances(device, dtype)
     assert o.dtype == dtype and ht.dtype == snaps.dtype == torch.float32
     for name, x, ref in [("output", o, o_ref), ("final state", ht, ht_ref), ("snapshots", snaps, snaps_ref)]:
         assert rel_rms(x, ref) < tol_out, name
@@ -293,7 +307,7 @@ def test_gated_matches_recurrent_values_and_grads(device, dtype, case, decay):
     for name, grad, ref in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), grads, ref_grads):
         assert grad.shape == ref.shape, name
         if name == "dg":
-            tol = 2e-2 if dtype != torch.float32 else tol_grad
+            tol = tol_grad if exact_dots(device, dtype) else 2e-2
             assert ((grad.float() - ref).pow(2).mean().sqrt() / dg_scale).item() < tol, name
         else:
             assert rel_rms(grad, ref) < tol_grad, name
