@@ -2,7 +2,6 @@
 `bench.py gpu-readme`: its GPU table (and results/gpu.json) from the gpu.json of a `bench.py gpu` run."""
 import json
 import re
-import sys
 from pathlib import Path
 
 from benchmarks.common import ROOT, fail

@@ -43,9 +43,9 @@ def markdown(res):
            f"Produced by `{res['command']}` in {res['wall_s']['total'] / 60:.1f} min on {res['cpus']} CPU cores "
            f"({res['versions']}). Every number is measured by that command; results.json holds them all.", "",
            "## Setup", "",
-           f"- Data: the synthetic grammar of data.py, word-level tokenizer (one token per word), needles "
-           f"\"The code for K is V1 V2 .\" with 2-token values; training documents hold 1-4 needles and end with "
-           f"queries for all of them in the styles S, MQ, MV (answers predictable from context).",
+           "- Data: the synthetic grammar of data.py, word-level tokenizer (one token per word), needles "
+           "\"The code for K is V1 V2 .\" with 2-token values; training documents hold 1-4 needles and end with "
+           "queries for all of them in the styles S, MQ, MV (answers predictable from context).",
            f"- Base: NTP at T=64, batch 64, AdamW lr 3e-3 (50 warm-up steps), betas (0.9, 0.98), wd 0.1, answer "
            f"values weighted 11x; a recall check (NIAH@256 of S/MK/MQ/MV, {a['base_eval']} prompts each) every "
            f"{a['base_check']} steps; stopped at the first check with {a['base_metric']} >= "

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels import delta_rule, resolve_backend
-from kernels.chunked import chunked_delta_rule
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, seed=0, h0=True):
