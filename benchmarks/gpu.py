@@ -139,11 +139,13 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
                  "launch_probe": launch_probe}
         with redirect_stdout(tee):
             for name, step in steps.items():
+                step_start = time.perf_counter()
                 try:
                     step()
                 except Exception as err:  # noqa: BLE001  the others still run; the error is the step's result
                     report(f"{name}_failed", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                     failed.append(name)
+                report(f"{name}_s", time.perf_counter() - step_start)   # what each step costs, for the next run
                 if out_dir:
                     write_run(Path(out_dir), "gpu", command, "".join(tee.parts))
             report("gpu_bench_total_s", time.perf_counter() - start)

@@ -97,6 +97,9 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
         assert "passed" in figures[name] and "failed" not in figures[name], name   # the probe: 16-wide heads in
     # 32-wide tiles give the right values and gradients too
     assert float(figures["cpu_triton_gated_fwd_bwd_ms"]) > 0       # the interpreter ran the gated kernels
+    steps = ("kernel_tests", "kernel_timings", "train_steps", "train_and_resume", "ruler", "kernel_tests_fp16_fp32",
+             "launch_probe")
+    assert all(float(figures[f"{step}_s"]) > 0 for step in steps)   # each step's seconds, the failed one's too
     for family in ("deltanet", "gdn", "lact"):
         assert float(figures[f"{family}_refine_tokens_per_s"]) > 0, family
     assert figures["train"].startswith("exit 0: step     2/2")           # train.py, then --resume to step 3
