@@ -2,6 +2,8 @@
 every Triton kernel for sm_80/89/90 without a GPU (`bench.py compile`)."""
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,32 @@ def run_kernel_tests(name, selection, interpret=False, probe=None):
     return failed
 
 
+def sanitize(test, tool, out_dir=None, timeout=150):
+    """One kernel test (a pytest node id) under NVIDIA's compute-sanitizer --tool `tool` (memcheck: out-of-bounds and
+    misaligned accesses, naming the kernel; racecheck: shared-memory hazards), reported as `sanitizer_<tool>: its
+    ERROR SUMMARY; its first error`; the whole report in out_dir/sanitizer_<tool>.log."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/cuda/bin"])
+    exe = shutil.which("compute-sanitizer", path=path)
+    if exe is None:
+        return report(f"sanitizer_{tool}", "skipped: no compute-sanitizer on this machine")
+    cmd = [exe, "--tool", tool, "--print-limit", "5", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           test]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # its own process group: a timeout stops the test under it too
+    try:
+        text = run.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        text = run.communicate()[0] + f"\n========= timed out after {timeout} s\n"   # what it printed so far
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"sanitizer_{tool}.log").write_text(text)
+    lines = [line.removeprefix("=========").strip() for line in text.splitlines() if line.startswith("=========")]
+    summary = next((line for line in lines if line.startswith(("ERROR SUMMARY", "timed out"))), "no summary")
+    first = next((line for line in lines if line.startswith(("Invalid", "Error", "Race", "Program hit"))), "no error")
+    report(f"sanitizer_{tool}", f"{summary}; {first}")
+
+
 def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     """Everything that needs a GPU, in one run (under 10 minutes on an H100-class card), step by step:
     1. the compiled kernel tests in bf16 (tests/test_triton_kernel.py: forward, backward, snapshots, the gated rule);
@@ -72,7 +100,8 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     3. NTP and REFINE steps of DeltaNet-1.3B, Gated DeltaNet-1.3B and LaCT-760M on one 16K-token sequence;
     4. train.py itself: 2 steps of deltanet-1.3b-mid (random init, built-in data, 4K tokens), then --resume to step 3;
        then evaluate.py --task ruler on `ruler` (a RULER parquet file; skipped, with the reason, without one);
-    5. the kernel tests in fp16 and fp32, then every failed kernel test again under each launch_probe variant.
+    5. the kernel tests in fp16 and fp32, then every failed kernel test again under each launch_probe variant, and
+       the first one under compute-sanitizer's memcheck and racecheck (sanitizer_*.log in out_dir).
     dry_run: the same steps on the CPU at tiny shapes (toy models, Triton in the interpreter), so that the GPU run
     can only fail on what only a GPU shows. out_dir: gpu.log and gpu.json (every `name: value` line so far),
     rewritten after each step, so that a run cut short keeps what it measured. A failing step is reported and the
@@ -115,6 +144,12 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
                 run_kernel_tests(f"launch_probe_{variant}", sorted(set(failed_tests)) or
                                  [tests, "-k", "single_token or (gated and edges and strong)"], dry_run, variant)
 
+        def sanitizer():  # the first failed test under memcheck and racecheck (the dry run: where no sanitizer is)
+            if not failed_tests and not dry_run:
+                return report("sanitizer", "skipped: no kernel test failed")
+            for tool in ("memcheck", "racecheck"):
+                sanitize(failed_tests[0] if failed_tests else f"{tests}::test_single_token_by_hand", tool, out_dir)
+
         def train_and_resume():
             for name, n, extra in (("train", 2, []), ("train_resume", 3, ["--resume"])):
                 run_script(name, "train.py", *train, f"--out_dir={ckpt}", f"--max_steps={n}", *extra)
@@ -136,7 +171,8 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
                  # last, so that a run cut short has the figures above: fp16 and fp32 (TF32) compiled, then the probe
                  "kernel_tests_fp16_fp32": lambda: kernel_tests("kernel_tests_fp16_fp32", "cuda-fp16 or cuda-fp32",
                                                                 "snapshots_match and no-h0-edges and direct"),
-                 "launch_probe": launch_probe}
+                 "launch_probe": launch_probe,
+                 "sanitizer": sanitizer}
         with redirect_stdout(tee):
             for name, step in steps.items():
                 step_start = time.perf_counter()

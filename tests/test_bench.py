@@ -97,9 +97,10 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
         assert "passed" in figures[name] and "failed" not in figures[name], name   # the probe: 16-wide heads in
     # 32-wide tiles give the right values and gradients too
     assert float(figures["cpu_triton_gated_fwd_bwd_ms"]) > 0       # the interpreter ran the gated kernels
+    assert "sanitizer_memcheck" in figures and "sanitizer_racecheck" in figures   # (skipped where the tool is absent)
     steps = ("kernel_tests", "kernel_timings", "train_steps", "train_and_resume", "ruler", "kernel_tests_fp16_fp32",
-             "launch_probe")
-    assert all(float(figures[f"{step}_s"]) > 0 for step in steps)   # each step's seconds, the failed one's too
+             "launch_probe", "sanitizer")
+    assert all(float(figures[f"{step}_s"]) >= 0 for step in steps)   # each step's seconds, the failed one's too
     for family in ("deltanet", "gdn", "lact"):
         assert float(figures[f"{family}_refine_tokens_per_s"]) > 0, family
     assert figures["train"].startswith("exit 0: step     2/2")           # train.py, then --resume to step 3
@@ -131,3 +132,23 @@ def test_failed_kernel_tests_are_named_and_rerun_under_each_launch_probe(tmp_pat
     assert "plain: 1 failed, 1 passed" in out and "probe_min32: 1 passed" in out and "probe_one_stage: 1 passed" in out
     with pytest.raises(RuntimeError, match="pytest exited"):  # nothing ran: no failed test to name
         gpu.run_kernel_tests("missing", [str(tmp_path / "missing.py")], interpret=True)
+
+
+def test_sanitizer_report_names_the_summary_and_the_first_error(tmp_path, monkeypatch, capsys):
+    """sanitize(): compute-sanitizer's ERROR SUMMARY and first error as one line, its whole report in out_dir; a run
+    past the timeout keeps what it printed. (A stand-in compute-sanitizer prints a report of the tool's format.)"""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nif [ \"$2\" = racecheck ]; then sleep 30; fi\n"
+                    "echo '========= COMPUTE-SANITIZER'\n"
+                    "echo '========= Invalid __shared__ read of size 16 bytes'\n"
+                    "echo '=========     at chunk_state_pass_kernel+0x1a0'\n"
+                    "echo '========= ERROR SUMMARY: 3 errors'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    gpu.sanitize("tests/test_triton_kernel.py::test_single_token_by_hand", "memcheck", tmp_path / "out")
+    gpu.sanitize("tests/test_triton_kernel.py::test_single_token_by_hand", "racecheck", tmp_path / "out", timeout=1)
+    out = capsys.readouterr().out
+    assert "sanitizer_memcheck: ERROR SUMMARY: 3 errors; Invalid __shared__ read of size 16 bytes\n" in out
+    assert "chunk_state_pass_kernel" in (tmp_path / "out" / "sanitizer_memcheck.log").read_text()
+    assert "sanitizer_racecheck: timed out after 1 s; no error\n" in out
