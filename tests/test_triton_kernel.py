@@ -46,6 +46,10 @@ DEVICES = [
       for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))],
 ]
 
+# fp16 dot operands in the interpreter: the half-precision casts of every path checked on the CPU (the first GPU
+# check's bf16 failure at chunk 64 with 16-wide heads passes here in fp16, at 5e-4 to 9e-4: not in the kernels' logic)
+CPU_FP16 = pytest.param("cpu", torch.float16, id="cpu-fp16-interpreter", marks=DEVICES[0].marks)
+
 
 def exact_dots(device, dtype):
     """Whether tl.dot multiplies in full fp32: fp32 in the interpreter (numpy); on a GPU fp32 runs as TF32."""
@@ -93,7 +97,7 @@ def run_with_grads(fn, inputs, do, dht, output_final_state):
     return [o, ht], [x.grad for x in leaves if x is not None]
 
 
-@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("device,dtype", DEVICES + [CPU_FP16])
 @pytest.mark.parametrize("B,T,H,K,V,chunk,with_h0,final", CASES)
 def test_matches_recurrent_values_and_grads(device, dtype, B, T, H, K, V, chunk, with_h0, final):
     inputs = make_inputs(B, T, H, K, V, with_h0, device, dtype)
@@ -178,8 +182,7 @@ def prefix_states(q, k, v, beta, h0, positions):
     return torch.stack(rows).view(positions.shape[0], positions.shape[1], *rows[0].shape)
 
 
-@pytest.mark.parametrize("device,dtype", DEVICES + [pytest.param("cpu", torch.float16, id="cpu-fp16-interpreter",
-                                                                   marks=DEVICES[0].marks)])
+@pytest.mark.parametrize("device,dtype", DEVICES + [CPU_FP16])
 @pytest.mark.parametrize("case", SNAPSHOT_CASES, ids=["h0-partial-chunk", "no-h0-edges"])
 @pytest.mark.parametrize("defer", [False, True], ids=["direct", "deferred"])
 def test_snapshots_match_recurrent_values_and_grads(device, dtype, case, defer):
