@@ -1,5 +1,6 @@
 """The CPU benchmarks: the delta rule (loop vs chunked; Triton and fla on CUDA), decoding at 4K vs 16K context, and
 NTP vs REFINE steps piece by piece (StepPieces) at two shapes."""
+import os
 import statistics
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -47,6 +48,7 @@ def kernel_timings(B, T, H, K, V, dtype, device, backends=("torch", "triton"), r
             paths[name] = partial(delta_rule, backend=name)
         except ValueError as err:
             report(name, f"cannot run here, skipped: {err}")
+    os.environ.setdefault("FLA_FLASH_QLA", "0")  # fla's own Triton kernels, not its optional TileLang backend
     try:
         from fla.ops.delta_rule import chunk_delta_rule  # optional, never a dependency
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
