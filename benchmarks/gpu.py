@@ -129,7 +129,7 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
         ckpt = Path(tmp) / "train"
 
         failed_tests = []
-        tests = "tests/test_triton_kernel.py"
+        tests, few = "tests/test_triton_kernel.py", "single_token or (gated and edges and strong)"  # few: the dry run's
 
         def kernel_tests(name, on_gpu, on_cpu):  # -k expressions: the compiled tests, the dry run's few
             failed = run_kernel_tests(name, [tests, "-k", on_cpu if dry_run else on_gpu], dry_run)
@@ -141,8 +141,8 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
             if not failed_tests and not dry_run:
                 return report("launch_probe", "skipped: no kernel test failed")
             for variant in ("min32", "one_stage"):
-                run_kernel_tests(f"launch_probe_{variant}", sorted(set(failed_tests)) or
-                                 [tests, "-k", "single_token or (gated and edges and strong)"], dry_run, variant)
+                run_kernel_tests(f"launch_probe_{variant}", sorted(set(failed_tests)) or [tests, "-k", few], dry_run,
+                                 variant)
 
         def sanitizer():  # the first failed test under memcheck and racecheck (the dry run: where no sanitizer is)
             if not failed_tests and not dry_run:
@@ -160,8 +160,7 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
             run_script("evaluate_ruler", "evaluate.py", "--ckpt", str(ckpt), "--task", "ruler", "--data", ruler,
                        "--limit", "2" if dry_run else "20", "--device", device)
 
-        steps = {"kernel_tests": lambda: kernel_tests("kernel_tests_bf16", "cuda-bf16",
-                                                      "single_token or (gated and edges and strong)"),
+        steps = {"kernel_tests": lambda: kernel_tests("kernel_tests_bf16", "cuda-bf16", few),
                  "kernel_timings": lambda: [kernel_timings(*shape, dtype, device, repeat=1 if dry_run else 5)
                                             for shape, dtype in shapes],
                  "train_steps": lambda: [bench_train_steps(toy if dry_run else name, 64 if dry_run else 16384, device,
