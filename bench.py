@@ -4,7 +4,7 @@
     python bench.py decode    # per-token decoding at 4K vs 16K context (interleaved); LaCT recompute vs incremental
     python bench.py refine    # NTP vs REFINE step, piece by piece: B=2 T=2048 (and reforward), toy preset B=16 T=256
     python bench.py all       # kernel, decode and refine (runs on a laptop CPU)
-    python bench.py gpu       # one CUDA GPU, < 10 min on an H100: kernel tests and timings, 1.3B steps, train.py
+    python bench.py gpu       # one CUDA GPU: kernel tests and timings, 1.3B steps, train.py, in one run
     python bench.py gpu --dry-run --out=DIR   # its every step on the CPU at tiny shapes; DIR: gpu.log, gpu.json
     python bench.py gpu-readme --from=DIR/gpu.json   # that run -> results/gpu.json and the README's GPU table
     python bench.py compile   # no GPU: every Triton kernel compiled for sm_80/89/90 in bf16/fp16/fp32, fits or exit 1

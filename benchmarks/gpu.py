@@ -94,7 +94,7 @@ def sanitize(test, tool, out_dir=None, timeout=150):
 
 
 def bench_gpu(dry_run=False, out_dir=None, ruler=None):
-    """Everything that needs a GPU, in one run (under 10 minutes on an H100-class card), step by step:
+    """Everything that needs a GPU, in one run (meant for a 10-minute call; each step's seconds are recorded):
     1. the compiled kernel tests in bf16 (tests/test_triton_kernel.py: forward, backward, snapshots, the gated rule);
     2. kernel_timings at B=4 T=8192 H=16 K=V=128 bf16, and at Gated DeltaNet-1.3B's heads (H=6, K=256, V=512);
     3. NTP and REFINE steps of DeltaNet-1.3B, Gated DeltaNet-1.3B and LaCT-760M on one 16K-token sequence;
