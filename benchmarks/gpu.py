@@ -48,10 +48,10 @@ def bench_train_steps(model_name="deltanet-1.3b", seq_len=16384, device="cuda", 
 
 
 def run_kernel_tests(name, selection, interpret=False, probe=None):
-    """pytest of tests/test_triton_kernel.py in a fresh process (compiled on CUDA, or in Triton's interpreter);
-    selection: pytest arguments (a -k expression, or the node ids of tests); probe: a benchmarks/launch_probe.py
-    variant to run them under. Reports the summary line as `name: ...`. -> the node ids of the failed tests; a run
-    that fails without naming a failed test (it did not start, or crashed) raises."""
+    """pytest in a fresh process over `selection` (the kernel tests' file with a -k expression, or the node ids of
+    tests), compiled on CUDA or in Triton's interpreter; probe: a benchmarks/launch_probe.py variant to run them
+    under. Reports the summary line as `name: ...`. -> the node ids of the failed tests; a run that fails without
+    naming a failed test (it did not start, or crashed) raises."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "REFINE_LAUNCH_PROBE")}
     env.update({"TRITON_INTERPRET": "1"} if interpret else {})  # else compiled kernels where CUDA is
     env.update({"REFINE_LAUNCH_PROBE": probe} if probe else {})

@@ -78,12 +78,11 @@ def test_decode_timing_interleaves_the_contexts():
     assert calls == [8, 9, 20, 21, 20, 21, 8, 9, 8, 9, 20, 21, 20, 21, 8, 9]
 
 
-
 def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
     """`bench.py gpu --dry-run`: the GPU run's every step at tiny shapes on the CPU (the kernel tests in Triton's
-    interpreter, also under the launch probe's variants, kernel timings, NTP/REFINE steps of the three model families, train.py and its --resume, evaluate.py
-    on a RULER file), its figures in --out; a failing step (here a RULER file that does not exist) is reported, the
-    others still run, and the exit status is 1."""
+    interpreter, also under the launch probe's variants, kernel timings, NTP/REFINE steps of the three model
+    families, train.py and its --resume, evaluate.py on a RULER file), its figures in --out; a failing step (here a
+    RULER file that does not exist) is reported, the others still run, and the exit status is 1."""
     run = run_bench("gpu", "--dry-run", f"--out={tmp_path}", f"--ruler={tmp_path / 'missing.parquet'}")
     assert run.returncode == 1 and "these steps failed: ruler" in run.stderr, run.stderr[-2000:]
     import json
@@ -93,9 +92,9 @@ def test_gpu_run_dry_runs_every_step_on_the_cpu(tmp_path):
     assert run["lines"][0].startswith("device: the CPU (dry run") and run["lines"][1].startswith("versions: torch ")
     assert (tmp_path / "gpu.log").read_text().count("\n") > 20
     assert [key for key in figures if key.endswith("_failed")] == ["ruler_failed"]
+    # the probe's min32 too: 16-wide heads in 32-wide tiles give the right values and gradients
     for name in ("kernel_tests_bf16", "kernel_tests_fp16_fp32", "launch_probe_min32", "launch_probe_one_stage"):
-        assert "passed" in figures[name] and "failed" not in figures[name], name   # the probe: 16-wide heads in
-    # 32-wide tiles give the right values and gradients too
+        assert "passed" in figures[name] and "failed" not in figures[name], name
     assert float(figures["cpu_triton_gated_fwd_bwd_ms"]) > 0       # the interpreter ran the gated kernels
     assert "sanitizer_memcheck" in figures and "sanitizer_racecheck" in figures   # (skipped where the tool is absent)
     steps = ("kernel_tests", "kernel_timings", "train_steps", "train_and_resume", "ruler", "kernel_tests_fp16_fp32",
@@ -119,7 +118,8 @@ def test_failed_kernel_tests_are_named_and_rerun_under_each_launch_probe(tmp_pat
     """The GPU run's kernel-test steps return the failed tests' node ids, and the launch probe reruns them with the
     launchers' launch_config changed as its variant says (a test that passes only under a probe shows it)."""
     target = tmp_path / "test_probe_target.py"
-    target.write_text("import os\nimport torch\nfrom kernels import triton_delta\n\n\ndef test_passes():\n    pass\n\n\n"
+    target.write_text("import os\nimport torch\nfrom kernels import triton_delta\n\n\n"
+                      "def test_passes():\n    pass\n\n\n"
                       "def test_passes_only_probed():\n"
                       "    blocks, opts = triton_delta.launch_config(16, 16, torch.bfloat16)\n"
                       "    want = {'min32': (32, 2), 'one_stage': (16, 1)}[os.environ['REFINE_LAUNCH_PROBE']]\n"

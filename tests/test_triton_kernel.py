@@ -9,7 +9,7 @@ compiled in bf16, fp16 and fp32 against the fp32 reference, with fla's tolerance
 Tolerances (relative RMS error, ||x - ref|| / ||ref||): fp32 in the interpreter (exact fp32 products) 1e-4 for
 everything; dot operands below fp32 precision (bf16 and fp16, and fp32 compiled on a GPU, where tl.dot rounds fp32
 operands to TF32's 10-bit mantissa, as fp16's) 6e-3 for the output, final state and snapshots, 8e-3 for the
-gradients. The snapshot tests also run fp16 in the interpreter, which exercises fp32 chunk states beside
+gradients. The value and snapshot tests also run fp16 in the interpreter, which exercises fp32 chunk states beside
 half-precision dot operands on CPU (the interpreter's bf16 matmul is not usable).
 """
 import os
@@ -59,6 +59,8 @@ def exact_dots(device, dtype):
 def tolerances(device, dtype):
     """(output / state / snapshots, gradients), relative RMS: module docstring."""
     return (1e-4, 1e-4) if exact_dots(device, dtype) else (6e-3, 8e-3)
+
+
 # (B, T, H, K, V, chunk, with initial state, return/backprop the final state)
 CASES = [
     (2, 1, 2, 16, 16, 16, False, False),   # T = 1 < chunk, no state in or out
