@@ -87,7 +87,8 @@ def main(argv=None):
     print("1. |dW1|/|W1| of one chunk update at inner lr 1e-3:")
     for name in ("lact-760m", "toy-lact"):
         mix = lact.LaCTMixer(MODEL_PRESETS[name]) if name != "toy-lact" else toy
-        print(f"  {name} (chunk {mix.chunk}, head {mix.fw_dim}): {memory(mix, 1e-3, 1e-3, mix.chunk, 0, batch=2)[1]:.2e}")
+        ratio = memory(mix, 1e-3, 1e-3, mix.chunk, 0, batch=2)[1]                   # |dW1| / |W1|
+        print(f"  {name} (chunk {mix.chunk}, head {mix.fw_dim}): {ratio:.2e}")
     print("2. one chunk of 16 pairs at eta, then N other chunks: own value is the best match (chance 6.2%)")
     for eta in (1e-3, 1e-2, 1e-1, 3e-1, 1.0):
         print(f"  eta {eta:<6g}" + "".join(f"  N={n}: {100 * memory(toy, eta, eta, toy.chunk, n)[0]:5.1f}%"

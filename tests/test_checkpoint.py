@@ -217,7 +217,8 @@ def test_loads_sharded_index(tmp_path):
 
 
 def test_loads_lact_layout(tmp_path):
-    """LaCT names written by hand (the reference checkpoint's list); compared with our model given the same tensors by attribute."""
+    """LaCT names written by hand (the reference checkpoint's list); compared with our model given the same tensors by
+    attribute."""
     hf = {"model_type": "lact_swiglu", "architectures": ["LaCTForCausalLM"], "hidden_size": 32, "num_attn_heads": 2,
           "num_lact_heads": 2, "num_hidden_layers": 1, "vocab_size": 64, "window_size": 6, "lact_chunk_size": 5,
           "w0_w2_low_rank": 4, "rope_theta": 10000, "inter_multi": 1, "use_momentum": True, "use_muon": False,

@@ -51,8 +51,8 @@ class Cfg:  # the reference config fields the mixer reads (reference defaults ex
 
 CONFIGS = {  # name: (config overrides, dtype, tolerance)
     "lowrank-momentum": (dict(), torch.float64, 1e-10),
-    "fullrank-muon": (dict(num_attn_heads=2, w0_w2_low_rank=-1, use_momentum=False, use_muon=True, window_size=5, lact_chunk_size=6),
-                      torch.float64, 1e-10),
+    "fullrank-muon": (dict(num_attn_heads=2, w0_w2_low_rank=-1, use_momentum=False, use_muon=True, window_size=5,
+                           lact_chunk_size=6), torch.float64, 1e-10),
     "momentum-muon-fp32": (dict(use_muon=True, window_size=8, lact_chunk_size=5), torch.float32, 1e-4),
     "options": (dict(qkv_silu=False, ttt_nope=True, learnable_ttt_scale=False, qkv_bias=True, inter_multi=2,
                      use_momentum=False), torch.float64, 1e-10),

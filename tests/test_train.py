@@ -103,7 +103,7 @@ def test_resume_is_exact(tmp_path):
     # steps 3..5 were REFINE steps (their surrogate value is 0 on-policy: the rewards show it)
     last = [json.loads(line) for line in open(a / "metrics.jsonl") if '"step"' in line][-1]
     assert last["phase"] == "refine" and last["reward_mean"] is not None
-    sa, sb = torch.load(a / "ckpt.pt", weights_only=False)["model"], torch.load(b / "ckpt.pt", weights_only=False)["model"]
+    sa, sb = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -246,7 +246,8 @@ def test_the_batchs_answer_mask_drives_answer_weight_and_answer_selection(monkey
     loss, select_mode "answer" starts rollouts only right before them; a batch without a mask (files) weighs
     nothing, and "answer" selection without one is an error."""
     import data
-    batch, answers = data.SyntheticData(data.get_tokenizer("word"), 64, 0, (1, 2), 2, ("S",)).get_batch(2, with_mask=True)
+    source = data.SyntheticData(data.get_tokenizer("word"), 64, 0, (1, 2), 2, ("S",))
+    batch, answers = source.get_batch(2, with_mask=True)
     answers = answers[:, 1:]                                                     # [2, 64] of the targets
     cfg = config.TrainConfig(**{**config.PRESETS["toy"][1], "seq_len": 64, "batch_size": 2, "n_chunks": 2,
                                "rollout_len": 1, "margin": 2, "grad_clip": 1e9})   # k=1: no start clamped
