@@ -32,6 +32,14 @@ def report(name, value):
     print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
+def write_whole(path, text):
+    """path <- text by way of a temporary file beside it, renamed: a reader, or a run killed meanwhile, finds the
+    previous file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def fail(message, code):  # code 2: cannot run here or bad input; 1: a check failed
     print(message, file=sys.stderr)
     sys.exit(code)

@@ -15,7 +15,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import ROOT, fail, report
+from benchmarks.common import ROOT, fail, report, write_whole
 from benchmarks.cpu import interleaved_steps, kernel_timings
 from benchmarks.readme import Tee, run_record
 from kernels import resolve_backend
@@ -204,14 +204,12 @@ def run_script(name, script, *args):
 
 def write_run(out, name, command, text):
     """out/<name>.log (everything printed) and out/<name>.json (readme.run_record: command, date, its `name: value`
-    lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each written to a temporary
-    file first and renamed: a killed run leaves the previous complete pair."""
+    lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each by write_whole: a killed
+    run leaves each file whole."""
     import json
     out.mkdir(parents=True, exist_ok=True)
     for suffix, content in (("log", text), ("json", json.dumps(run_record(command, text.splitlines()), indent=1))):
-        tmp = out / f".{name}.{suffix}.tmp"
-        tmp.write_text(content)
-        tmp.replace(out / f"{name}.{suffix}")
+        write_whole(out / f"{name}.{suffix}", content)
 
 
 GPU_TARGETS = {80: ("A100", 163), 89: ("L40/RTX4090", 99), 90: ("H100/H200", 227)}

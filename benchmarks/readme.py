@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.common import ROOT, fail
+from benchmarks.common import ROOT, fail, write_whole
 from benchmarks.cpu import PIECES
 
 
@@ -80,13 +80,11 @@ def run_record(command, lines):
 
 
 def publish(run, name, block, path, command):
-    """results/<name> <- the run (a temporary file renamed: never half-written), then the README's `block` (between
+    """results/<name> <- the run (write_whole: never half-written), then the README's `block` (between
     <!-- block:start --> and <!-- block:end -->) <- its table; `command` names the caller in the error."""
     from study.report import update_readme
     (path / "results").mkdir(exist_ok=True)
-    tmp = path / "results" / f".{name}.tmp"
-    tmp.write_text(json.dumps(run, indent=1))
-    tmp.replace(path / "results" / name)
+    write_whole(path / "results" / name, json.dumps(run, indent=1))
     if not update_readme(path / "README.md", readme_table(run), block):
         fail(f"{command}: error: no <!-- {block}:start --> / end lines in {path / 'README.md'}", 1)
 
