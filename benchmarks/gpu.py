@@ -1,5 +1,6 @@
 """The GPU run (`bench.py gpu`, and its --dry-run on the CPU), 1.3B-scale train steps, and the compile check of
 every Triton kernel for sm_80/89/90 without a GPU (`bench.py compile`)."""
+import json
 import os
 import re
 import shutil
@@ -103,7 +104,7 @@ def bench_gpu(dry_run=False, out_dir=None, ruler=None):
     5. the kernel tests in fp16 and fp32, then every failed kernel test again under each launch_probe variant, and
        the first one under compute-sanitizer's memcheck and racecheck (sanitizer_*.log in out_dir).
     dry_run: the same steps on the CPU at tiny shapes (toy models, Triton in the interpreter), so that the GPU run
-    can only fail on what only a GPU shows. out_dir: gpu.log and gpu.json (every `name: value` line so far),
+    can only fail on what only a GPU shows. out_dir: gpu.log and gpu.json (write_run: the `name: value` lines so far),
     rewritten after each step, so that a run cut short keeps what it measured. A failing step is reported and the
     others still run. -> the names of the failed steps"""
     if dry_run:
@@ -206,7 +207,6 @@ def write_run(out, name, command, text):
     """out/<name>.log (everything printed) and out/<name>.json (readme.run_record: command, date, its `name: value`
     lines; `python bench.py gpu-readme --from=` turns it into the README's GPU table), each by write_whole: a killed
     run leaves each file whole."""
-    import json
     out.mkdir(parents=True, exist_ok=True)
     for suffix, content in (("log", text), ("json", json.dumps(run_record(command, text.splitlines()), indent=1))):
         write_whole(out / f"{name}.{suffix}", content)
